@@ -1,0 +1,373 @@
+"""Pipeline benchmark: bare backend vs frame-to-verdict, free-run throughput, INT8, memory.
+
+Prints one JSON object. Keys:
+
+- ``backend_p50_ms`` / ``backend_p99_ms`` / ``backend_mean_ms``: the bare
+  ONNX Runtime backend (the package's default graph, batch 1) on
+  preprocessed frames, nothing else, timed interleaved with the pipeline
+  parts (one bare call, one part, ...) so both see the same machine load;
+- ``pipeline_p50_ms`` / ``pipeline_p99_ms``: frame-to-verdict latency of
+  the running appliance in triggered mode (frame grabbed -> verdict
+  committed to SQLite and reported), one part at a time;
+- ``throughput_fps``: verdicts per second of the appliance in free-run with a
+  camera faster than the pipeline; ``throughput_vs_backend`` compares it with
+  1 / the bare backend's mean latency measured right before and after the
+  window (``backend_mean_ms_around_free_run``);
+- ``int8_vs_fp32_speedup``: mean latency of the fp32 graph / the int8 graph
+  (same backend settings, calls interleaved);
+- ``ort_vs_torch_speedup``: the same model in PyTorch eager (fp32, batch 1,
+  same thread count) / ONNX Runtime int8; null when the package's method
+  cannot be rebuilt in PyTorch here;
+- ``rss_mb``: peak resident memory of the appliance process (which never
+  imports torch; ``torch_loaded`` says so).
+
+The appliance runs in a child process so that its memory is its own; torch
+is only imported by this parent afterwards. Usage::
+
+    python bench/pipeline.py                       # demo model (taught once, cached)
+    python bench/pipeline.py --package PKG --seconds 20 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def _frames(n: int, size_px: int, seed: int = 3) -> list[np.ndarray[Any, Any]]:
+    from edge.capture.synth import part_rng, render_part
+
+    out = []
+    for i in range(n):
+        defect = "scratch" if i % 5 == 4 else None
+        img, _ = render_part(part_rng(seed, "bench", i), defect, size_px)
+        out.append(img)
+    return out
+
+
+# --------------------------------------------------------------------------- child
+
+
+class _Bare:
+    """One bare backend session on preprocessed frames, timed call by call."""
+
+    def __init__(self, pkg: Any, graph: str, threads: int, frames: list[Any]) -> None:
+        from edge.backends import create_backend
+        from edge.backends.config import OnnxRuntimeBackendConfig
+        from edge.pipeline import graph_source
+
+        self.backend = create_backend(
+            OnnxRuntimeBackendConfig(graph=graph, intra_op_threads=threads)  # type: ignore[arg-type]
+        )
+        self.backend.load(graph_source(pkg, graph))
+        self.xs = [pkg.preprocess(f) for f in frames]
+        self.i = 0
+        self.lat: list[float] = []
+        for x in self.xs[:5]:
+            self.backend.run(x)
+
+    def once(self) -> None:
+        x = self.xs[self.i % len(self.xs)]
+        self.i += 1
+        t = time.perf_counter()
+        self.backend.run(x)
+        self.lat.append((time.perf_counter() - t) * 1000.0)
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """Runs in the child: bare backend, then the appliance (triggered, then free-run)."""
+    from edge.app import Appliance
+    from edge.capture.sources import FrameSource, Grab
+    from edge.config import LineInspectConfig
+    from models.package import load_package
+
+    # The machine may be shared: every comparison interleaves its two sides call by call,
+    # so both see the same load.
+    with load_package(args.package) as pkg:
+        size = max(pkg.input_spec.width, pkg.input_spec.height)
+        frames = _frames(16, size_px=max(size, 64))
+        graph = pkg.manifest.default_graph
+        bare = _Bare(pkg, graph, args.threads, frames)
+        fp32 = (
+            _Bare(pkg, "fp32", args.threads, frames)
+            if "fp32" in pkg.graph_variants and graph != "fp32"
+            else None
+        )
+        if fp32 is not None:
+            quant = _Bare(pkg, graph, args.threads, frames)
+            for _ in range(max(30, args.runs // 3)):
+                fp32.once()
+                quant.once()
+            speedup: float | None = float(np.mean(fp32.lat)) / float(np.mean(quant.lat))
+            fp32_mean: float | None = float(np.mean(fp32.lat))
+            fp32.backend.close()
+            quant.backend.close()
+        else:
+            speedup = fp32_mean = None
+
+    class Replay(FrameSource):
+        live = False
+
+        def __init__(self, interval_s: float) -> None:
+            self._i = 0
+            self._interval_s = interval_s
+
+        @property
+        def interval_s(self) -> float:
+            return self._interval_s
+
+        def open(self) -> None:
+            pass
+
+        def read(self) -> Grab:
+            self._i += 1
+            return Grab(frames[self._i % len(frames)])
+
+        def close(self) -> None:
+            pass
+
+        def describe(self) -> str:
+            return "bench replay"
+
+    work = Path(tempfile.mkdtemp(prefix="lineinspect-bench-"))
+    base: dict[str, Any] = {
+        "model": {"package": str(args.package), "verify_reference": True},
+        "backend": {
+            "primary": {"type": "onnxruntime", "intra_op_threads": args.threads},
+            "deadline_ms": 5000,
+        },
+        "store": {
+            "path": str(work / "results"),
+            "ok_sample_every": 0,
+            "save_ng_images": bool(args.images),
+        },
+        "panel": {"enabled": False},
+        "uplink": {"updates": {"slots_dir": str(work / "slots")}},
+    }
+    # the free-run appliance runs with its panel, as on a station (memory counts it)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        panel_port = int(sock.getsockname()[1])
+    # -- frame-to-verdict, one part at a time (triggered) ---------------------------------
+    cfg = LineInspectConfig.model_validate({**base, "camera": {"mode": "triggered"}})
+    app = Appliance(cfg, source=Replay(0.0))
+    app.start()
+    time.sleep(0.3)
+    for i in range(5):
+        app.trigger(i)
+    totals, walls = [], []
+    for i in range(args.runs):
+        bare.once()
+        t = time.perf_counter()
+        v = app.trigger(1000 + i)
+        walls.append((time.perf_counter() - t) * 1000.0)
+        totals.append(v.timings_ms["total"])
+    app.stop()
+    # -- free-run throughput with a camera faster than the pipeline ------------------------
+    before = len(bare.lat)
+    for _ in range(max(30, args.runs // 3)):
+        bare.once()
+    cfg = LineInspectConfig.model_validate(
+        {
+            **base,
+            "camera": {"mode": "free_run"},
+            "panel": {"enabled": True, "port": panel_port},
+            "store": {**base["store"], "path": str(work / "results2")},
+        }
+    )
+    app = Appliance(cfg, source=Replay(float(np.mean(bare.lat)) / 1000.0 / 2.0))
+    app.start()
+    time.sleep(1.0)
+    s0, t0 = app.pipeline.stats(), time.perf_counter()
+    time.sleep(args.seconds)
+    s1, t1 = app.pipeline.stats(), time.perf_counter()
+    drops = app.capture.stats().drops if app.capture else 0
+    app.stop()
+    for _ in range(max(30, args.runs // 3)):
+        bare.once()
+    around = bare.lat[before:]  # the bare backend right before and after the free-run window
+    mean_ms = float(np.mean(around))
+    bare.backend.close()
+    lat = bare.lat[:before]
+    done = (s1.ok + s1.ng + s1.error) - (s0.ok + s0.ng + s0.error)
+    fps = done / (t1 - t0)
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return {
+        "package": str(args.package),
+        "graph": graph,
+        "threads": args.threads,
+        "backend_p50_ms": _pct(lat, 50),
+        "backend_p99_ms": _pct(lat, 99),
+        "backend_mean_ms": float(np.mean(lat)),
+        "backend_mean_ms_around_free_run": mean_ms,
+        "pipeline_p50_ms": _pct(totals, 50),
+        "pipeline_p99_ms": _pct(totals, 99),
+        "trigger_to_verdict_p99_ms": _pct(walls, 99),
+        "pipeline_vs_backend_p99": _pct(totals, 99) / _pct(lat, 99),
+        "throughput_fps": fps,
+        "throughput_vs_backend": fps * mean_ms / 1000.0,
+        "free_run_drops": drops,
+        "fp32_mean_ms": fp32_mean,
+        "int8_vs_fp32_speedup": speedup,
+        "rss_mb": rss_mb,
+        "torch_loaded": "torch" in sys.modules,
+        "runs": args.runs,
+    }
+
+
+# --------------------------------------------------------------------------- parent
+
+
+def torch_model_for(pkg: Any) -> Any:
+    """The package's scoring graph rebuilt as a PyTorch eager module (None: unknown method).
+
+    PatchCore packages: the architecture from ``manifest.method`` and the input
+    spec, the ImageNet trunk from its weights package, the memory bank from the
+    fp32 ONNX graph's initializer (``bank_t``, [D, M]).
+    """
+    import dataclasses
+
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    method = dict(pkg.manifest.method)
+    if method.get("kind") != "patchcore":
+        return None
+    from models.patchcore import PatchCoreConfig, PatchCoreGraph, PatchFeatures
+
+    spec = pkg.input_spec
+    fields = {f.name for f in dataclasses.fields(PatchCoreConfig)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in method.items() if k in fields}
+    kwargs["input_hw"] = (spec.height, spec.width)
+    kwargs["in_channels"] = spec.channels
+    features = PatchFeatures(PatchCoreConfig(**kwargs))
+    graph = onnx.load(str(pkg.graph_path("fp32")))
+    bank_t = None
+    for init in graph.graph.initializer:
+        if len(init.dims) == 2 and init.dims[0] == features.dim and init.dims[1] > 1:
+            bank_t = numpy_helper.to_array(init)
+            break
+    if bank_t is None:
+        return None
+    bank = torch.from_numpy(np.ascontiguousarray(bank_t.T))
+    return PatchCoreGraph(features, bank, raw_scale=pkg.manifest.threshold.raw_scale)
+
+
+def torch_speedup(package: Path, threads: int, runs: int, ort_mean_ms: float) -> float | None:
+    """PyTorch eager mean latency / ORT mean latency, when torch can rebuild the model."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    from models.package import load_package
+
+    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+    with load_package(package) as pkg:
+        try:
+            model = torch_model_for(pkg)
+        except Exception as exc:
+            print(f"cannot rebuild the model in PyTorch: {exc}", file=sys.stderr)
+            return None
+        if model is None:
+            return None
+        frames = _frames(8, size_px=max(pkg.input_spec.width, 64))
+        xs = [torch.from_numpy(pkg.preprocess(f)) for f in frames]
+    model.eval()
+    with torch.inference_mode():
+        for x in xs[:3]:
+            model(x)
+        lat = []
+        for i in range(runs):
+            t = time.perf_counter()
+            model(xs[i % len(xs)])
+            lat.append((time.perf_counter() - t) * 1000.0)
+    return float(np.mean(lat)) / ort_mean_ms
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--package", type=Path, help="model package (default: the demo model)")
+    p.add_argument("--threads", type=int, default=0, help="ORT intra-op threads (0 = auto)")
+    p.add_argument("--runs", type=int, default=300, help="timed inferences per measurement")
+    p.add_argument("--seconds", type=float, default=15.0, help="free-run measurement time")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("~/.cache/lineinspect").expanduser(),
+        help="demo model cache",
+    )
+    p.add_argument("--no-torch", action="store_true", help="skip the PyTorch comparison")
+    p.add_argument(
+        "--images",
+        action="store_true",
+        help="also store NG images (the background writer shares the CPU)",
+    )
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(args)))
+        return 0
+    if args.package is None:
+        from edge.demo import DemoOptions, ensure_demo_model
+
+        args.package = ensure_demo_model(
+            DemoOptions(cache_dir=args.cache), progress=lambda m: print(m, file=sys.stderr)
+        )
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--package",
+        str(args.package),
+        "--threads",
+        str(args.threads),
+        "--runs",
+        str(args.runs),
+        "--seconds",
+        str(args.seconds),
+        *(["--images"] if args.images else []),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        print(out.stderr, file=sys.stderr)
+        return out.returncode
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    result["ort_vs_torch_speedup"] = (
+        None
+        if args.no_torch
+        else torch_speedup(
+            args.package, args.threads, max(30, args.runs // 5), result["backend_mean_ms"]
+        )
+    )
+    result["targets"] = {
+        "pipeline_p99_within_1.15x_backend_p99": result["pipeline_vs_backend_p99"] <= 1.15,
+        "throughput_at_least_90pct": result["throughput_vs_backend"] >= 0.9,
+        "int8_at_least_1.5x_fp32": (result["int8_vs_fp32_speedup"] or 0) >= 1.5,
+        "rss_under_600_mb": result["rss_mb"] < 600 and not result["torch_loaded"],
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

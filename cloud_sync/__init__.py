@@ -1,0 +1,1 @@
+"""LineInspect cloud_sync package."""

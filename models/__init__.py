@@ -1,0 +1,1 @@
+"""LineInspect models package."""

@@ -1,0 +1,346 @@
+"""Teach a model package from good images (``lineinspect teach``).
+
+Steps: load the good images (bad files skipped and counted), hold out a share of them, fit
+the PatchCore memory bank on the rest, choose the threshold on the held-out goods
+(:mod:`models.threshold`), export the whole scoring graph to ONNX (FP32, FP16), quantize it
+to INT8 (QDQ, calibrated on good images), check ONNX-vs-PyTorch parity, score reference
+images, and write the package with :func:`models.package.write_package`.
+
+Train-only module: it imports torch. See ``docs/model-method.md`` for the method and the
+numbers behind the defaults.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm import tqdm
+
+from models.backbone import LITE_MEAN, LITE_STD
+from models.export import export_fp16, export_fp32
+from models.images import ImageSet, ImageSetError, load_good_images
+from models.package import (
+    InputSpec,
+    ReferenceImage,
+    ThresholdSpec,
+    preprocess_batch,
+    semver_key,
+    write_package,
+)
+from models.patchcore import PatchCoreConfig, PatchCoreGraph, PatchFeatures, greedy_coreset
+from models.quantize import patch_features, quantize_int8, set_bank, set_graph_scale
+from models.threshold import ThresholdRule, choose_threshold
+
+log = logging.getLogger(__name__)
+
+#: Largest |ONNX FP32 - PyTorch| normalised score difference accepted at export.
+FP32_PARITY_TOL = 1e-3
+#: Tolerances written to the manifest for on-device reference checks (normalised score).
+REFERENCE_TOLERANCE = {"fp32": 0.02, "fp16": 0.05, "int8": 0.10}
+#: With ``default_graph="auto"``, INT8 becomes the default graph only when its normalised
+#: scores on the held-out goods stay within this of FP32's.
+INT8_DEFAULT_TOL = 0.10
+
+
+class TeachError(RuntimeError):
+    """Teaching failed for a reason the user can act on."""
+
+
+@dataclass(frozen=True)
+class TeachSettings:
+    """Knobs of teaching; the defaults are the shipped method (docs/model-method.md)."""
+
+    backbone: str = "efficientnet-lite0"
+    input_size: int = 256
+    stages: tuple[int, ...] = (4, 5)
+    neighbourhood: int = 5
+    grid_stride: int = 16
+    blur_sigma_cells: float = 1.0
+    top_k: int = 10
+    bank_size: int = 2000
+    coreset_candidates: int = 60_000
+    holdout_fraction: float = 0.1
+    min_holdout: int = 5
+    min_images: int = 10
+    target_false_reject_rate: float = 0.01
+    threshold_margin: float = 1.0
+    calibration_images: int = 64
+    int8: bool = True
+    fp16: bool = True
+    default_graph: str = "auto"
+    n_reference: int = 4
+    batch_size: int = 16
+    seed: int = 0
+    threads: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def config(self, channels: int) -> PatchCoreConfig:
+        """The graph configuration for an input with ``channels`` channels."""
+        return PatchCoreConfig(
+            backbone=self.backbone,
+            input_hw=(self.input_size, self.input_size),
+            in_channels=channels,
+            stages=self.stages,
+            neighbourhood=self.neighbourhood,
+            grid_stride=self.grid_stride,
+            blur_sigma_cells=self.blur_sigma_cells,
+            top_k=self.top_k,
+        )
+
+
+def _input_spec(s: TeachSettings, color: str) -> InputSpec:
+    channels = 1 if color == "gray" else 3
+    return InputSpec(
+        width=s.input_size,
+        height=s.input_size,
+        color="gray" if color == "gray" else "rgb",
+        channels=channels,
+        resize="stretch",
+        scale=1.0 / 255.0,
+        mean=LITE_MEAN[:channels],
+        std=LITE_STD[:channels],
+    )
+
+
+def _split(n: int, s: TeachSettings) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """Indices (fit, holdout): a seeded random share of the goods is held out."""
+    n_hold = max(s.min_holdout, round(n * s.holdout_fraction))
+    if n - n_hold < max(2, s.min_holdout):
+        raise ImageSetError(f"{n} good images are too few to fit and hold out {n_hold}")
+    order = np.random.default_rng(s.seed).permutation(n)
+    return np.sort(order[n_hold:]), np.sort(order[:n_hold])
+
+
+def _run_torch(
+    fn: Any, x: npt.NDArray[np.float32], batch: int, desc: str, progress: bool
+) -> list[Any]:
+    outs = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(x), batch), desc=desc, disable=not progress, unit="batch"):
+            outs.append(fn(torch.from_numpy(x[i : i + batch])))
+    return outs
+
+
+def _ort_scores(
+    path: Path, x: npt.NDArray[np.float32], threads: int = 2
+) -> npt.NDArray[np.float32]:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    scores = [sess.run(["score"], {"image": x[i : i + 8]})[0] for i in range(0, len(x), 8)]
+    return np.concatenate(scores).astype(np.float32)
+
+
+def _encode_png(img: npt.NDArray[np.uint8]) -> bytes:
+    ok, buf = cv2.imencode(".png", img)
+    if not ok:
+        raise TeachError("could not encode a reference image as PNG")
+    return bytes(buf.tobytes())
+
+
+def fit_graph(
+    images: ImageSet, fit_idx: Sequence[int], s: TeachSettings, spec: InputSpec, progress: bool
+) -> PatchCoreGraph:
+    """Build the feature extractor and fit the coreset memory bank on ``fit_idx`` images."""
+    cfg = s.config(spec.channels)
+    features = PatchFeatures(cfg).eval()
+    x = preprocess_batch([images.images[i] for i in fit_idx], spec)
+    feats = _run_torch(features, x, s.batch_size, "features", progress)
+    patches = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in feats])
+    t0 = time.monotonic()
+    bank = greedy_coreset(patches, s.bank_size, seed=s.seed, candidate_limit=s.coreset_candidates)
+    log.info("coreset %d of %d patches in %.1f s", len(bank), len(patches), time.monotonic() - t0)
+    return PatchCoreGraph(features, bank, raw_scale=1.0).eval()
+
+
+def teach(
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    name: str = "model",
+    version: str = "0.1.0",
+    settings: TeachSettings | None = None,
+    progress: bool = True,
+) -> Path:
+    """Teach from the good images in ``data_dir`` and write a model package to ``out_dir``.
+
+    ``data_dir`` is an MVTec-layout folder (``train/good`` is used) or a flat folder of good
+    images. ``out_dir`` must be absent or empty. Returns ``out_dir``.
+
+    Raises :class:`models.images.ImageSetError` for unusable input (missing/empty folder, too
+    few usable images) and :class:`TeachError` for failures after loading.
+    """
+    s = settings or TeachSettings()
+    t_start = time.monotonic()
+    semver_key(version)  # a bad version fails now, not after minutes of teaching
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise TeachError(f"{out_dir} is not empty")
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+
+    images = load_good_images(Path(data_dir), min_images=s.min_images)
+    report = images.report
+    msg = f"teach: {report.summary()}; colour mode {images.color}"
+    log.info(msg)
+    if progress:
+        tqdm.write(msg)
+    fit_idx, hold_idx = _split(len(images.images), s)
+    spec = _input_spec(s, images.color)
+
+    graph = fit_graph(images, fit_idx.tolist(), s, spec, progress)
+    x_hold = preprocess_batch([images.images[i] for i in hold_idx], spec)
+    raw = np.concatenate(
+        [o[0].numpy() for o in _run_torch(graph, x_hold, s.batch_size, "holdout", progress)]
+    )
+    thr_rule = ThresholdRule(s.target_false_reject_rate, margin=s.threshold_margin)
+    thr = choose_threshold(raw, thr_rule)
+    graph.set_raw_scale(thr.raw_scale)
+    torch_hold = raw / thr.raw_scale
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    graphs = {"fp32": "model_fp32.onnx"}
+    steps = ["export fp32"] + (["int8"] if s.int8 else []) + (["fp16"] if s.fp16 else [])
+    bar = tqdm(total=len(steps), desc="export", disable=not progress)
+    export_fp32(graph, out_dir / graphs["fp32"])
+    bar.update()
+    if s.int8:
+        rng = np.random.default_rng(s.seed + 1)
+        n_cal = min(s.calibration_images, len(fit_idx))
+        cal_idx = np.sort(rng.choice(fit_idx, n_cal, replace=False))
+        x_cal = preprocess_batch([images.images[i] for i in cal_idx], spec)
+        graphs["int8"] = "model_int8.onnx"
+        int8_path = out_dir / graphs["int8"]
+        quantize_int8(out_dir / graphs["fp32"], int8_path, x_cal)
+        # Rebuild the INT8 graph's bank from the features the quantized backbone produces:
+        # quantization noise then affects bank and queries alike (MTD: AUROC 0.67 -> 0.86).
+        x_fit = preprocess_batch([images.images[i] for i in fit_idx], spec)
+        bank8 = greedy_coreset(
+            torch.from_numpy(patch_features(int8_path, x_fit)),
+            s.bank_size,
+            seed=s.seed,
+            candidate_limit=s.coreset_candidates,
+        )
+        set_bank(int8_path, bank8.numpy())
+        bar.update()
+    if s.fp16:
+        graphs["fp16"] = "model_fp16.onnx"
+        export_fp16(out_dir / graphs["fp32"], out_dir / graphs["fp16"])
+        bar.update()
+    bar.close()
+
+    hold_scores = {k: _ort_scores(out_dir / rel, x_hold) for k, rel in graphs.items()}
+    # Each reduced-precision graph gets its own normalisation from the same rule on the same
+    # held-out goods, so that 1.0 is its threshold too (INT8 noise raises all distances).
+    graph_raw_scale = {"fp32": thr.raw_scale}
+    for g in [g for g in graphs if g != "fp32"]:
+        g_thr = choose_threshold(hold_scores[g] * thr.raw_scale, thr_rule)
+        graph_raw_scale[g] = g_thr.raw_scale
+        set_graph_scale(out_dir / graphs[g], 1.0 / g_thr.raw_scale)
+        hold_scores[g] = _ort_scores(out_dir / graphs[g], x_hold)
+    parity = float(np.max(np.abs(hold_scores["fp32"] - torch_hold)))
+    if not parity <= FP32_PARITY_TOL:
+        raise TeachError(
+            f"ONNX FP32 graph disagrees with PyTorch by {parity:.2e} (> {FP32_PARITY_TOL})"
+        )
+
+    # Reference images: held-out goods spread over the score range (lowest .. highest).
+    order = np.argsort(hold_scores["fp32"])
+    picks = np.unique(np.linspace(0, len(order) - 1, min(s.n_reference, len(order))).round())
+    ref_files: dict[str, bytes] = {}
+    references: list[ReferenceImage] = []
+    for j, pos in enumerate(picks.astype(int)):
+        k = int(order[pos])
+        rel = f"reference/ref_{j:03d}.png"
+        ref_files[rel] = _encode_png(images.images[int(hold_idx[k])])
+        references.append(
+            ReferenceImage(
+                file=rel,
+                label="good",
+                scores={g: round(float(v[k]), 6) for g, v in hold_scores.items()},
+            )
+        )
+
+    metrics: dict[str, Any] = {
+        "holdout_good": {
+            g: {
+                "n": len(v),
+                "false_reject_rate": float(np.mean(v > thr.image)),
+                "score_median": float(np.median(v)),
+                "score_max": float(v.max()),
+            }
+            for g, v in hold_scores.items()
+        },
+        "parity": {
+            "fp32_vs_torch_max_abs": parity,
+            **{
+                f"{g}_vs_fp32_max_abs": float(np.max(np.abs(v - hold_scores["fp32"])))
+                for g, v in hold_scores.items()
+                if g != "fp32"
+            },
+        },
+        "raw_scale_per_graph": graph_raw_scale,
+        "teach_seconds": round(time.monotonic() - t_start, 1),
+    }
+    default_graph = "fp32"
+    if "int8" in graphs:
+        agree = metrics["parity"]["int8_vs_fp32_max_abs"]
+        if s.default_graph == "int8" or (s.default_graph == "auto" and agree <= INT8_DEFAULT_TOL):
+            default_graph = "int8"
+        metrics["default_graph_rule"] = (
+            f"{s.default_graph}: int8 if its held-out good scores are within {INT8_DEFAULT_TOL} "
+            f"of fp32 (measured {agree:.3f}) -> {default_graph}"
+        )
+    cfg = s.config(spec.channels)
+    method: dict[str, Any] = {
+        "kind": "patchcore",
+        "backbone": s.backbone,
+        "stages": list(cfg.stages),
+        "neighbourhood": cfg.neighbourhood,
+        "grid": list(cfg.grid_hw),
+        "grid_stride": cfg.grid_stride,
+        "bank_size": int(graph.bank_t.shape[1]),
+        "feature_dim": int(graph.bank_t.shape[0]),
+        "blur_sigma_cells": cfg.blur_sigma_cells,
+        "image_score": f"mean of top {cfg.top_k} cells of the smoothed patch map"
+        if cfg.top_k > 1
+        else "max of the smoothed patch map",
+        "settings": {k: v for k, v in asdict(s).items() if k != "extra"} | s.extra,
+        "images": {
+            "found": report.found,
+            "used": report.used,
+            "fit": len(fit_idx),
+            "holdout": len(hold_idx),
+            "converted": report.converted,
+            "skipped": {k: len(v) for k, v in report.skipped.items()},
+        },
+    }
+    write_package(
+        out_dir,
+        name=name,
+        version=version,
+        input_spec=spec,
+        graphs=graphs,
+        default_graph=default_graph,
+        threshold=ThresholdSpec(**thr.to_manifest()),
+        method=method,
+        metrics=metrics,
+        reference=references,
+        reference_tolerance={g: REFERENCE_TOLERANCE[g] for g in graphs},
+        files=ref_files,
+    )
+    if progress:
+        tqdm.write(f"teach: wrote {out_dir} in {metrics['teach_seconds']:.0f} s")
+    return out_dir

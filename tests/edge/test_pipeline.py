@@ -1,0 +1,351 @@
+"""The pipeline and its watchdog: verdicts, stage timings, hangs, errors, recovery."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+
+from edge.backends import Backend, BackendError, create_backend
+from edge.backends.base import BackendOutput, FloatArray, GraphSource
+from edge.backends.config import OnnxRuntimeBackendConfig
+from edge.events import EventBus
+from edge.pipeline import (
+    InspectionResult,
+    ModelState,
+    Pipeline,
+    decision_settings,
+    graph_source,
+    load_model,
+)
+from edge.runtime_config import BackendSection, PipelineConfig
+from edge.store import ResultStore
+from edge.types import Frame, StatusEvent, Verdict, VerdictCode
+from edge.watchdog import BackendCandidate, InferenceRunner
+from models.package import ModelPackage
+
+
+def _frame(seq: int, bright: bool = False, size: tuple[int, int] = (120, 160)) -> Frame:
+    img = np.full((*size, 3), 50, np.uint8)
+    if bright:
+        img[40:60, 60:90] = 240
+    return Frame(image=img, capture_time=time.monotonic(), sequence=seq, source_id="cam0")
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.verdicts: list[Verdict] = []
+
+    def on_verdict(self, verdict: Verdict) -> None:
+        self.verdicts.append(verdict)
+
+
+def test_ok_and_ng_verdicts_with_timings_committed_before_reporting(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus
+) -> None:
+    state = load_model(toy_package, BackendSection(), PipelineConfig(), events)
+    seen_in_store: list[bool] = []
+
+    class Sink:
+        def on_verdict(self, verdict: Verdict) -> None:
+            seen_in_store.append(store.get(verdict.inspection_id) is not None)
+
+    results: list[InspectionResult] = []
+    p = Pipeline(store, events, sinks=[Sink()], listeners=[results.append])
+    p.set_model(state)
+    p.start()
+    ok = p.inspect(_frame(0))
+    ng = p.inspect(_frame(1, bright=True))
+    assert ok.code is VerdictCode.OK
+    assert ok.score < 1.0
+    assert ng.code is VerdictCode.NG
+    assert ng.score > 1.0
+    assert ng.regions
+    assert ng.regions[0].w >= 25
+    assert ng.model_name == "toy-brightness"
+    assert ng.model_version == "1.0.0"
+    assert set(ok.timings_ms) >= {"preprocess", "infer", "decide", "pipeline", "total"}
+    assert ng.inspection_id == ok.inspection_id + 1
+    assert seen_in_store == [True, True]
+    assert results[-1].anomaly_map is not None
+    assert results[-1].stored
+    assert p.stats().ng == 1
+    assert p.stats().ok == 1
+    state.runner.stop()
+
+
+def test_threshold_override_and_live_change(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus
+) -> None:
+    state = load_model(toy_package, BackendSection(), PipelineConfig(threshold=0.3), events)
+    p = Pipeline(store, events)
+    p.set_model(state)
+    p.start()
+    v = p.inspect(_frame(0))  # brightness 50/255/0.5 = 0.39 >= 0.3
+    assert v.code is VerdictCode.NG
+    assert v.threshold == 0.3
+    p.set_settings(decision_settings(toy_package, PipelineConfig(), threshold=0.5))
+    v = p.inspect(_frame(1))
+    assert v.code is VerdictCode.OK
+    assert v.threshold == 0.5
+    state.runner.stop()
+
+
+def test_bad_frame_and_no_model_are_errors(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus
+) -> None:
+    p = Pipeline(store, events)
+    p.start()
+    v = p.inspect(_frame(0))
+    assert v.code is VerdictCode.ERROR
+    assert "no model" in v.error
+    state = load_model(toy_package, BackendSection(), PipelineConfig(), events)
+    p.set_model(state)
+    bad = Frame(
+        image=np.zeros((0, 0, 3), np.uint8),
+        capture_time=time.monotonic(),
+        sequence=1,
+        source_id="cam0",
+    )
+    v = p.inspect(bad)
+    assert v.code is VerdictCode.ERROR
+    assert "bad frame" in v.error
+    v = p.report_error(reason="capture timeout", source_id="cam0", trigger_id=7)
+    assert v.code is VerdictCode.ERROR
+    assert v.trigger_id == 7
+    got = store.get(v.inspection_id)
+    assert got is not None
+    assert got.error == "capture timeout"
+    state.runner.stop()
+
+
+class StallingBackend(Backend):
+    """A real ONNX Runtime backend that can be told to stall or fail (test double)."""
+
+    type_key = "stalling"
+
+    def __init__(self, inner: Backend, release: threading.Event, mode: dict[str, str]) -> None:
+        super().__init__(None)
+        self.inner = inner
+        self.release = release
+        self.mode = mode
+
+    @classmethod
+    def check(cls, config: Any) -> str | None:
+        return None
+
+    @classmethod
+    def choose_graph(cls, config: Any, available: Any, default: str) -> str:
+        return default
+
+    def load(self, graph: GraphSource) -> None:
+        self.inner.load(graph)
+
+    def run(self, image: FloatArray) -> BackendOutput:
+        if self.mode.get("run") == "hang":
+            self.release.wait(30)
+        if self.mode.get("run") == "fail":
+            raise BackendError("injected failure")
+        if self.mode.get("run") == "slow":
+            time.sleep(0.15)
+        return self.inner.run(image)
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "stalling"}
+
+
+def _candidate(
+    pkg: ModelPackage, label: str, release: threading.Event, mode: dict[str, str], loads: list[str]
+) -> BackendCandidate:
+    def load() -> Backend:
+        loads.append(label)
+        b = StallingBackend(
+            create_backend(OnnxRuntimeBackendConfig(intra_op_threads=1)), release, mode
+        )
+        b.load(graph_source(pkg, "fp32"))
+        return b
+
+    return BackendCandidate(label, load)
+
+
+@pytest.fixture
+def release() -> Any:
+    ev = threading.Event()
+    yield ev
+    ev.set()  # free any stalled worker thread
+
+
+def _pipeline(
+    pkg: ModelPackage,
+    store: ResultStore,
+    events: EventBus,
+    cands: list[BackendCandidate],
+    deadline_s: float = 0.2,
+    max_errors: int = 2,
+) -> tuple[Pipeline, InferenceRunner]:
+    runner = InferenceRunner(
+        cands, events, deadline_s=deadline_s, max_consecutive_errors=max_errors, retry_backoff_s=0.1
+    )
+    runner.start()
+    p = Pipeline(store, events)
+    p.set_model(ModelState(pkg, runner, decision_settings(pkg, PipelineConfig())))
+    p.start()
+    return p, runner
+
+
+def test_hung_backend_gives_error_by_deadline_and_falls_back(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
+) -> None:
+    seen: list[StatusEvent] = []
+    events.subscribe(seen.append)
+    primary_mode = {"run": "ok"}
+    loads: list[str] = []
+    p, runner = _pipeline(
+        toy_package,
+        store,
+        events,
+        [
+            _candidate(toy_package, "primary", release, primary_mode, loads),
+            _candidate(toy_package, "fallback", release, {"run": "ok"}, loads),
+        ],
+    )
+    assert p.inspect(_frame(0)).code is VerdictCode.OK
+    primary_mode["run"] = "hang"
+    t = time.perf_counter()
+    v = p.inspect(_frame(1))
+    elapsed = time.perf_counter() - t
+    assert v.code is VerdictCode.ERROR
+    assert "deadline" in v.error
+    assert elapsed < 0.2 + 0.5
+    assert any(e.kind == "backend.hung" for e in seen)
+    assert store.get(v.inspection_id) is not None
+    assert runner.wait_ready(10)
+    assert runner.active_label == "fallback"
+    assert any(e.kind == "backend.recovered" for e in seen)
+    v = p.inspect(_frame(2, bright=True))
+    assert v.code is VerdictCode.NG
+    runner.stop()
+
+
+def test_hung_backend_without_fallback_is_reloaded(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
+) -> None:
+    loads: list[str] = []
+    modes = [{"run": "hang"}, {"run": "ok"}]
+
+    def load() -> Backend:
+        mode = modes[min(len(loads), 1)]
+        loads.append("primary")
+        b = StallingBackend(
+            create_backend(OnnxRuntimeBackendConfig(intra_op_threads=1)), release, mode
+        )
+        b.load(graph_source(toy_package, "fp32"))
+        return b
+
+    p, runner = _pipeline(toy_package, store, events, [BackendCandidate("primary", load)])
+    v = p.inspect(_frame(0))
+    assert v.code is VerdictCode.ERROR
+    # while recovering, parts get ERROR immediately, never OK
+    while not runner.ready:
+        w = p.inspect(_frame(1))
+        if w.code is not VerdictCode.ERROR:
+            break
+        assert "recovering" in w.error or "deadline" in w.error
+    assert runner.wait_ready(10)
+    assert loads == ["primary", "primary"]
+    assert p.inspect(_frame(2)).code is VerdictCode.OK
+    runner.stop()
+
+
+def test_failing_backend_gives_errors_then_recovers(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
+) -> None:
+    seen: list[StatusEvent] = []
+    events.subscribe(seen.append)
+    mode = {"run": "fail"}
+    loads: list[str] = []
+    p, runner = _pipeline(
+        toy_package,
+        store,
+        events,
+        [
+            _candidate(toy_package, "primary", release, mode, loads),
+            _candidate(toy_package, "fallback", release, {"run": "ok"}, loads),
+        ],
+        max_errors=2,
+    )
+    v1, v2 = p.inspect(_frame(0)), p.inspect(_frame(1))
+    assert v1.code is v2.code is VerdictCode.ERROR
+    assert "injected failure" in v1.error
+    assert [e.kind for e in seen].count("backend.error") == 2
+    assert runner.wait_ready(10)
+    assert runner.active_label == "fallback"
+    assert p.inspect(_frame(2)).code is VerdictCode.OK
+    assert all(math.isnan(v.score) for v in (v1, v2))
+    runner.stop()
+
+
+def test_unavailable_primary_drops_to_fallback_at_start(
+    toy_package: ModelPackage, events: EventBus
+) -> None:
+    seen: list[StatusEvent] = []
+    events.subscribe(seen.append)
+    cfg = BackendSection(
+        primary={"type": "tensorrt"},  # type: ignore[arg-type]
+        fallback={"type": "onnxruntime"},
+    )  # type: ignore[arg-type]
+    state = load_model(toy_package, cfg, PipelineConfig(), events)
+    assert state.runner.active_label.startswith("fallback")
+    assert any(e.kind == "backend.fallback" for e in seen)
+    state.runner.stop()
+
+
+def test_no_backend_at_all_is_a_clear_error(toy_package: ModelPackage, events: EventBus) -> None:
+    cfg = BackendSection(primary={"type": "onnxruntime", "provider": "cuda"})  # type: ignore[arg-type]
+    with pytest.raises(BackendError, match="CUDAExecutionProvider"):
+        load_model(toy_package, cfg, PipelineConfig(), events)
+
+
+def test_model_swap_between_parts(
+    toy_package: ModelPackage, toy_rgb_package_dir: Any, store: ResultStore, events: EventBus
+) -> None:
+    from models.package import load_package
+
+    p = Pipeline(store, events)
+    p.set_model(load_model(toy_package, BackendSection(), PipelineConfig(), events))
+    p.start()
+    assert p.inspect(_frame(0)).model_name == "toy-brightness"
+    with load_package(toy_rgb_package_dir) as rgb:
+        old = p.set_model(load_model(rgb, BackendSection(), PipelineConfig(), events))
+        assert old is not None
+        old.runner.stop()
+        v = p.inspect(_frame(1))
+        assert (v.model_name, v.model_version, v.code) == ("toy-rgb", "2.0.0", VerdictCode.OK)
+        assert p.model is not None
+        p.model.runner.stop()
+
+
+def test_slow_backend_is_reported_but_still_answers(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
+) -> None:
+    seen: list[StatusEvent] = []
+    events.subscribe(seen.append)
+    p, runner = _pipeline(
+        toy_package,
+        store,
+        events,
+        [_candidate(toy_package, "primary", release, {"run": "slow"}, [])],
+        deadline_s=0.25,
+    )
+    v = p.inspect(_frame(0))
+    assert v.code is VerdictCode.OK
+    assert v.timings_ms["infer"] >= 150
+    slow = [e for e in seen if e.kind == "backend.slow"]
+    assert len(slow) == 1
+    assert p.inspect(_frame(1)).code is VerdictCode.OK
+    assert len([e for e in seen if e.kind == "backend.slow"]) == 1  # rate-limited
+    runner.stop()
