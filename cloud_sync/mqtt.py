@@ -131,10 +131,21 @@ class MqttLink:
             return
         client = self._client
         if final is not None and client is not None and self.connected:
-            info = client.publish(final[0], final[1], qos=1, retain=True)
-            deadline = time.monotonic() + min(timeout_s, 2.0)
-            while not info.is_published() and time.monotonic() < deadline and self.connected:
-                time.sleep(0.02)
+            # Best effort: the connection can drop between the check above and the
+            # publish; paho then reports it by raising from is_published(). The Will
+            # (retained "offline") covers that case, so stop() must never fail on it.
+            try:
+                info = client.publish(final[0], final[1], qos=1, retain=True)
+                deadline = time.monotonic() + min(timeout_s, 2.0)
+                while (
+                    info.rc == mqtt.MQTT_ERR_SUCCESS
+                    and not info.is_published()
+                    and time.monotonic() < deadline
+                    and self.connected
+                ):
+                    time.sleep(0.02)
+            except (RuntimeError, ValueError) as exc:
+                log.info("%s: final message not delivered at stop: %s", self.name, exc)
         self._stop.set()
         self._thread.join(timeout_s)
         self._thread = None

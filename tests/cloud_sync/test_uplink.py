@@ -338,3 +338,24 @@ def test_ingest_workers_share_the_load_without_duplicates(broker: Broker, tmp_pa
         w1.stop()
         w2.stop()
         store.stop()
+
+
+def test_stop_survives_a_connection_lost_under_the_final_publish(
+    broker: Broker, tmp_path: Path
+) -> None:
+    """Regression: the broker vanishing between the connected check and the final
+    retained publish made paho raise from is_published(), and stop() raised with it."""
+    from cloud_sync.mqtt import MqttLink
+    from tests.cloud_sync.helpers import fleet_settings
+
+    link = MqttLink(fleet_settings(broker, "stopper"), lambda *_: None, name="stopper")
+    link.start()
+    assert link.wait_connected(10), link.stats.last_error
+    broker.kill()
+    # hold the race window open: the link still believes it is connected
+    wait_until(lambda: not link.connected, 10, "the link to notice the lost broker")
+    link._connected.set()
+    started = time.monotonic()
+    link.stop(final=("fleet/test/state", b"offline"), timeout_s=2.0)
+    assert time.monotonic() - started < 5.0
+    assert link._thread is None
