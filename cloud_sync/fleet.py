@@ -530,6 +530,7 @@ class PackageHttpServer:
             self._httpd.socket = tls.wrap_socket(self._httpd.socket, server_side=True)
         self.host = host
         self.port = int(self._httpd.server_address[1])
+        self.scheme = "http" if tls is None else "https"
         self._thread: threading.Thread | None = None
 
     @property
@@ -537,7 +538,7 @@ class PackageHttpServer:
         return int(self._handler.served_bytes[0])
 
     def url(self, release_id: str) -> str:
-        return f"http://{self.host}:{self.port}/releases/{release_id}/package.tar"
+        return f"{self.scheme}://{self.host}:{self.port}/releases/{release_id}/package.tar"
 
     def start(self) -> None:
         self._thread = threading.Thread(

@@ -615,6 +615,16 @@ class UpdateManager:
                             self._write_chunk_nostart(m, idx, data)
                         idx += 1
             except OSError as exc:
+                refused = _tls_refusal(exc)
+                if refused is not None:
+                    # retrying cannot fix a certificate the device does not trust
+                    self._finish(
+                        "failed",
+                        f"download refused: the package server's TLS certificate was not "
+                        f"accepted ({refused}); check uplink.tls.ca_file",
+                        False,
+                    )
+                    return
                 progressed = self._have.index(0) > first_missing if 0 in self._have else True
                 attempts = 1 if progressed else attempts + 1  # a cut that made progress is fine
                 log.warning("package download from %s failed (%s); retry %d", url, exc, attempts)
@@ -803,3 +813,12 @@ class UpdateManager:
         if st.phase == "activating" and st.slot is not None and ptr.active == st.slot:
             self._set_phase("watching", "resumed after restart; new model is active")
         self._status(st.release, st.phase, True, f"resuming at {st.phase}")
+
+
+def _tls_refusal(exc: BaseException) -> str | None:
+    """The reason when ``exc`` is a TLS certificate verification failure, else None."""
+    reason = getattr(exc, "reason", None)  # urllib wraps it in URLError.reason
+    for e in (exc, reason):
+        if isinstance(e, ssl.SSLCertVerificationError):
+            return str(e.verify_message or e)
+    return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from cloud_sync.config import UplinkConfig
 from cloud_sync.fleet import PackageHttpServer
 from cloud_sync.ingest import IngestDB, format_status_table
 from cloud_sync.mqtt import LinkSettings, MqttLink
+from cloud_sync.topics import SignedRelease
 from tests.cloud_sync.conftest import HEALTH_FAST, Broker, Rig, active, wait_until
 from tests.cloud_sync.helpers import start_ingest
 from tests.conftest import free_tcp_port
@@ -49,6 +51,70 @@ def test_http_download_with_range_requests_resumes_after_cut_responses(rig: Rig)
         assert rig.chunks.served == 0  # nothing came over MQTT
         # resumed with ranges: well under re-downloading from zero each time
         assert size <= http.served_bytes < 2 * size
+    finally:
+        http.stop()
+
+
+def _https_release(rig: Rig, http: PackageHttpServer, release_id: str) -> SignedRelease:
+    from cloud_sync.fleet import make_release
+
+    rel = make_release(
+        rig.pk.v["1.1.0"],
+        rig.pk.key,
+        group="default",
+        chunk_size=1024,
+        url=http.url(release_id),
+        release_id=release_id,
+    )
+    assert rel.manifest.url is not None
+    assert rel.manifest.url.startswith("https://")
+    rig.releases.add(rel, rig.pk.v["1.1.0"])
+    return rel
+
+
+def test_https_download_with_mutual_tls(rig: Rig) -> None:
+    """The package server checks the device's client certificate, the device the server's."""
+    cert, key = rig.broker.pki.issue("pkg-server", server=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(str(rig.broker.pki.ca_file))
+    http = PackageHttpServer(rig.releases, tls=ctx)
+    http.start()
+    try:
+        a = rig.add_agent("dev-https", **HEALTH_FAST)
+        rel = _https_release(rig, http, "https-rel")
+        rid = rel.manifest.release_id
+        rig.rollout._assign(rel, "dev-https")
+        phase, msg = rig.final("dev-https", rid, 60)
+        assert phase in ("watching", "done"), msg
+        assert active(a) == "1.1.0"
+        assert rig.chunks.served == 0
+        assert http.served_bytes >= rig.pk.v["1.1.0"].stat().st_size
+    finally:
+        http.stop()
+
+
+def test_https_server_with_an_untrusted_certificate_fails_at_once(rig: Rig, tmp_path: Path) -> None:
+    from tests.cloud_sync.conftest import Pki
+
+    rogue = Pki(tmp_path / "rogue-pki")  # a CA the device does not trust
+    cert, key = rogue.issue("pkg-server", server=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    http = PackageHttpServer(rig.releases, tls=ctx)
+    http.start()
+    try:
+        a = rig.add_agent("dev-rogue", **HEALTH_FAST)
+        rel = _https_release(rig, http, "rogue-rel")
+        rid = rel.manifest.release_id
+        rig.rollout._assign(rel, "dev-rogue")
+        phase, msg = rig.final("dev-rogue", rid, 30)
+        assert phase == "failed", msg
+        assert "TLS certificate" in msg
+        assert "ca_file" in msg
+        assert active(a) == "1.0.0"
+        assert http.served_bytes == 0
     finally:
         http.stop()
 
