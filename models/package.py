@@ -387,8 +387,12 @@ def preprocess_image(
     std = np.asarray(spec.std, dtype=np.float32)
     mul = np.float32(spec.scale) / std
     add = -np.asarray(spec.mean, dtype=np.float32) / std
-    x = pixels.astype(np.float32) * mul + add
-    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+    # HWC -> CHW before the arithmetic: the same float32 operations, but broadcasting over a
+    # last axis of 3 runs numpy's inner loop 3 elements at a time (several times slower)
+    x = np.ascontiguousarray(pixels.transpose(2, 0, 1)).astype(np.float32)
+    x *= mul[:, None, None]
+    x += add[:, None, None]
+    return x
 
 
 def preprocess_batch(
