@@ -46,7 +46,7 @@ from edge.pipeline import (
     load_model,
 )
 from edge.store import ResultStore, StoredVerdict
-from edge.types import Severity, StatusEvent, Verdict, VerdictCode, VerdictSink
+from edge.types import Frame, Severity, StatusEvent, Verdict, VerdictCode, VerdictSink
 from edge.watchdog import SystemdNotifier
 from edge.web.backend import (
     ApplyResult,
@@ -458,36 +458,59 @@ class Appliance:
                 continue
             self.pipeline.inspect(frame)
 
-    def _on_plc_trigger(self, part_id: int) -> None:
-        self.trigger(part_id)
-
-    def trigger(self, part_id: int) -> Verdict:
-        """Triggered mode: take one frame for ``part_id`` and inspect it (returns when done)."""
-        from edge.capture.loop import CaptureError
-
+    def _on_plc_trigger(self, part_id: int) -> Callable[[], Verdict]:
+        """PLC worker: grab the part's frame now; the PLC's inspection thread runs the
+        returned step, so the next part's frame is grabbed while this one is inspected."""
         with self._inflight_cv:
             self._inflight += 1
         try:
-            source_id = self._cfg.camera.id
-            if self._stopping.is_set() or self.capture is None:
-                return self.pipeline.report_error(
-                    reason="appliance stopping", source_id=source_id, trigger_id=part_id
-                )
-            t0 = time.monotonic()
-            try:
-                frame = self.capture.trigger(part_id)
-            except CaptureError as exc:
-                return self.pipeline.report_error(
-                    reason=f"capture: {exc}",
-                    source_id=source_id,
-                    trigger_id=part_id,
-                    capture_time=t0,
-                )
-            return self.pipeline.inspect(frame)
+            grabbed = self._grab(part_id)
+        except BaseException:
+            self._part_done()
+            raise
+        return lambda: self._inspect_grabbed(grabbed)
+
+    def trigger(self, part_id: int) -> Verdict:
+        """Triggered mode: take one frame for ``part_id`` and inspect it (returns when done)."""
+        with self._inflight_cv:
+            self._inflight += 1
+        try:
+            grabbed = self._grab(part_id)
+        except BaseException:
+            self._part_done()
+            raise
+        return self._inspect_grabbed(grabbed)
+
+    def _grab(self, part_id: int) -> Frame | Verdict:
+        """The part's frame, or its ERROR verdict (already reported) when there is none."""
+        from edge.capture.loop import CaptureError
+
+        source_id = self._cfg.camera.id
+        if self._stopping.is_set() or self.capture is None:
+            return self.pipeline.report_error(
+                reason="appliance stopping", source_id=source_id, trigger_id=part_id
+            )
+        t0 = time.monotonic()
+        try:
+            return self.capture.trigger(part_id)
+        except CaptureError as exc:
+            return self.pipeline.report_error(
+                reason=f"capture: {exc}",
+                source_id=source_id,
+                trigger_id=part_id,
+                capture_time=t0,
+            )
+
+    def _inspect_grabbed(self, grabbed: Frame | Verdict) -> Verdict:
+        try:
+            return grabbed if isinstance(grabbed, Verdict) else self.pipeline.inspect(grabbed)
         finally:
-            with self._inflight_cv:
-                self._inflight -= 1
-                self._inflight_cv.notify_all()
+            self._part_done()
+
+    def _part_done(self) -> None:
+        with self._inflight_cv:
+            self._inflight -= 1
+            self._inflight_cv.notify_all()
 
     def _on_result(self, result: InspectionResult) -> None:
         if result.image is None:

@@ -139,6 +139,15 @@ class PlcConfig(StrictModel):
         description="Recipe ids 1..recipe_id_max may be written; "
         "anything else is ILLEGAL DATA VALUE.",
     )
+    recipe_timeout_ms: int = Field(
+        30000,
+        ge=100,
+        le=600000,
+        title="Recipe timeout (ms)",
+        description="A recipe handler that has not returned this long after it was "
+        "called fails the change (CMD_FAILED, COMMAND_RESULT = 7 TIMEOUT); the old "
+        "recipe stays active and parts are accepted again.",
+    )
     trigger_events: bool = Field(
         True,
         title="Per-part events",

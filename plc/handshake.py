@@ -61,6 +61,26 @@ ILLEGAL_ADDRESS = 0x02
 ILLEGAL_VALUE = 0x03
 """Modbus exception code ILLEGAL DATA VALUE."""
 
+# Plain ints for the hot path (IntFlag arithmetic is ~10x slower than int arithmetic).
+_TRIGGER = int(ControlBit.TRIGGER)
+_RESULT_ACK = int(ControlBit.RESULT_ACK)
+_RECIPE_EXECUTE = int(ControlBit.RECIPE_EXECUTE)
+_SET_OFFLINE = int(ControlBit.SET_OFFLINE)
+_FAULT_RESET = int(ControlBit.FAULT_RESET)
+_ONLINE = int(StatusBit.ONLINE)
+_READY = int(StatusBit.READY)
+_BUSY = int(StatusBit.BUSY)
+_TRIGGER_ACK = int(StatusBit.TRIGGER_ACK)
+_RESULT_VALID = int(StatusBit.RESULT_VALID)
+_FAULT = int(StatusBit.FAULT)
+_OVERRUN = int(StatusBit.OVERRUN)
+_CMD_BUSY = int(StatusBit.CMD_BUSY)
+_CMD_DONE = int(StatusBit.CMD_DONE)
+_CMD_FAILED = int(StatusBit.CMD_FAILED)
+_PIPELINE_OK = int(StatusBit.PIPELINE_OK)
+_EMPTY_RESULT = [0] * ResultBlock.SIZE
+_RESERVED = [0] * (StatusBlock.START - ControlBlock.SIZE)
+
 
 @dataclass(frozen=True, slots=True)
 class RecipeResult:
@@ -160,6 +180,8 @@ class Handshake:
         self._last_trigger: dict[str, Any] | None = None
         self._pending: dict[int, _Pending] = {}
         self._buffer: collections.deque[ResultBlock] = collections.deque()
+        self._buffer_words: collections.deque[list[int]] = collections.deque()
+        """The encoded words of each buffered result (encoded once, when it is queued)."""
         self._presented = False
         self._overrun = False
         self._active_recipe = 0
@@ -168,6 +190,9 @@ class Handshake:
         self._cmd_result = CommandResult.NONE
         self._cmd_done = False
         self._cmd_failed = False
+        self._recipe_deadline = 0.0
+        self._handler_busy = 0
+        """Recipe id whose handler has not returned yet (0 = none), even after a timeout."""
         self._fault_reported = 0
         self._render()
 
@@ -307,8 +332,8 @@ class Handshake:
         word = new[0]
         rising = word & ~old_word
         falling = old_word & ~word
-        if (rising | falling) & ControlBit.SET_OFFLINE:
-            self._offline_requested = bool(word & ControlBit.SET_OFFLINE)
+        if (rising | falling) & _SET_OFFLINE:
+            self._offline_requested = bool(word & _SET_OFFLINE)
             kind = "offline" if self._offline_requested else "online"
             fx.events.append(
                 EventSpec(
@@ -318,7 +343,7 @@ class Handshake:
                     {"client": client},
                 )
             )
-        if rising & ControlBit.FAULT_RESET:
+        if rising & _FAULT_RESET:
             self._overrun = False
             if self._cmd_state == "idle":
                 self._cmd_done = self._cmd_failed = False
@@ -327,21 +352,22 @@ class Handshake:
                     "fault_reset", f"PLC {client} reset latched flags", data={"client": client}
                 )
             )
-        if falling & ControlBit.TRIGGER:
+        if falling & _TRIGGER:
             self._trigger_ack = False
-        if rising & ControlBit.TRIGGER:
+        if rising & _TRIGGER:
             part_id = join_u32(new[1], new[2], self._cfg.word_order)
             self._trigger(part_id, now, client, fx)
-        if rising & ControlBit.RESULT_ACK:
+        if rising & _RESULT_ACK:
             if self._presented and self._buffer:
                 self._buffer.popleft()
+                self._buffer_words.popleft()
                 self._presented = False
                 self.counters.acknowledged += 1
             else:
                 log.info("RESULT_ACK from %s with no result presented: ignored", client)
-        if falling & ControlBit.RESULT_ACK:
+        if falling & _RESULT_ACK:
             self._present()
-        if rising & ControlBit.RECIPE_EXECUTE:
+        if rising & _RECIPE_EXECUTE:
             self._recipe_command(new[3], client, fx)
         self._update_fault(now, fx)
         self._render()
@@ -423,6 +449,26 @@ class Handshake:
             )
 
     def _recipe_command(self, recipe_id: int, client: str, fx: Effects) -> None:
+        if self._cmd_state == "idle" and self._handler_busy:
+            # the previous change timed out but its handler still runs: refuse visibly
+            self._cmd_recipe = recipe_id
+            self._cmd_done, self._cmd_failed = False, True
+            self._cmd_result = CommandResult.REJECTED_BUSY
+            self.counters.recipe_failures += 1
+            fx.events.append(
+                EventSpec(
+                    "recipe",
+                    f"recipe {recipe_id} from {client} rejected: the handler of recipe "
+                    f"{self._handler_busy} has still not returned (timed out)",
+                    Severity.ERROR,
+                    {
+                        "recipe_id": recipe_id,
+                        "state": "failed",
+                        "reason": int(CommandResult.REJECTED_BUSY),
+                    },
+                )
+            )
+            return
         if self._cmd_state != "idle":
             fx.events.append(
                 EventSpec(
@@ -463,16 +509,74 @@ class Handshake:
     def _maybe_run_recipe(self, fx: Effects) -> None:
         if self._cmd_state == "waiting" and not self._pending:
             self._cmd_state = "executing"
+            self._handler_busy = self._cmd_recipe
+            self._recipe_deadline = self._clock() + self._cfg.recipe_timeout_ms / 1000
             fx.recipe = self._cmd_recipe
+            fx.wake_timer = True
 
     def recipe_finished(self, recipe_id: int, result: RecipeResult) -> Effects:
-        """The app's on_recipe returned (called by the service's worker)."""
+        """The app's on_recipe returned (called by the service's recipe thread)."""
         fx = Effects()
         with self._lock:
-            self._finish_recipe(recipe_id, result, fx)
+            if self._handler_busy == recipe_id:
+                self._handler_busy = 0
+            if self._cmd_state == "executing" and self._cmd_recipe == recipe_id:
+                self._finish_recipe(recipe_id, result, fx)
+            else:
+                self._late_recipe(recipe_id, result, fx)
             self._update_fault(self._clock(), fx)
             self._render()
         return fx
+
+    def _late_recipe(self, recipe_id: int, result: RecipeResult, fx: Effects) -> None:
+        """A handler returned after its timeout had already failed the command.
+
+        The command result stays TIMEOUT (the PLC was told), but ACTIVE_RECIPE_ID
+        follows the truth: if the handler did switch, the new recipe is in force.
+        """
+        if result.ok:
+            self._active_recipe = recipe_id
+            fx.events.append(
+                EventSpec(
+                    "recipe",
+                    f"recipe {recipe_id} completed after its {self._cfg.recipe_timeout_ms} ms "
+                    "timeout: it is now active although the command was reported failed",
+                    Severity.ERROR,
+                    {"recipe_id": recipe_id, "state": "late_completed"},
+                )
+            )
+        else:
+            fx.events.append(
+                EventSpec(
+                    "recipe",
+                    f"recipe {recipe_id} handler returned after its timeout: "
+                    f"{result.reason.name} ({result.message}); recipe "
+                    f"{self._active_recipe} stays active",
+                    Severity.WARNING,
+                    {"recipe_id": recipe_id, "state": "late_failed", "reason": int(result.reason)},
+                )
+            )
+
+    def _recipe_timeout(self, now: float, fx: Effects) -> None:
+        if self._cmd_state != "executing" or now < self._recipe_deadline:
+            return
+        recipe_id = self._cmd_recipe
+        log.error(
+            "recipe %d: handler did not return within %d ms; CMD_FAILED (TIMEOUT), "
+            "recipe %d stays active",
+            recipe_id,
+            self._cfg.recipe_timeout_ms,
+            self._active_recipe,
+        )
+        self._finish_recipe(
+            recipe_id,
+            RecipeResult(
+                False,
+                CommandResult.TIMEOUT,
+                f"no answer from the recipe handler within {self._cfg.recipe_timeout_ms} ms",
+            ),
+            fx,
+        )
 
     def _finish_recipe(self, recipe_id: int, result: RecipeResult, fx: Effects) -> None:
         self._cmd_state = "idle"
@@ -613,10 +717,11 @@ class Handshake:
         else:
             self.counters.error += 1
         self._buffer.append(result)
+        self._buffer_words.append(encode(result, self._cfg.word_order))
         self._present()
 
     def _present(self) -> None:
-        if not self._presented and self._buffer and not self._ctrl[0] & ControlBit.RESULT_ACK:
+        if not self._presented and self._buffer and not self._ctrl[0] & _RESULT_ACK:
             self._presented = True
 
     # --------------------------------------------------------------- timer
@@ -643,6 +748,7 @@ class Handshake:
                 self._push(self._error_result(p.part_id, ResultError.DEADLINE, latency), fx)
             if expired:
                 self._maybe_run_recipe(fx)
+            self._recipe_timeout(now, fx)
             period = self._cfg.heartbeat_period_ms / 1000
             if self._running and now >= self._next_beat:
                 if self._pipeline_ok(now):
@@ -660,6 +766,8 @@ class Handshake:
             nxt = self._next_beat
             for p in self._pending.values():
                 nxt = min(nxt, p.deadline)
+            if self._cmd_state == "executing":
+                nxt = min(nxt, self._recipe_deadline)
             return nxt
 
     # -------------------------------------------------------------- health
@@ -733,32 +841,34 @@ class Handshake:
 
     # -------------------------------------------------------------- render
     def _status_word(self, now: float) -> int:
-        bits = StatusBit(0)
+        bits = 0
         if self._running and not self._offline_requested:
-            bits |= StatusBit.ONLINE
+            bits |= _ONLINE
         if self._ready(now):
-            bits |= StatusBit.READY
+            bits |= _READY
         if self._pending:
-            bits |= StatusBit.BUSY
+            bits |= _BUSY
         if self._trigger_ack:
-            bits |= StatusBit.TRIGGER_ACK
+            bits |= _TRIGGER_ACK
         if self._presented:
-            bits |= StatusBit.RESULT_VALID
+            bits |= _RESULT_VALID
         if self._fault_code(now):
-            bits |= StatusBit.FAULT
+            bits |= _FAULT
         if self._overrun:
-            bits |= StatusBit.OVERRUN
+            bits |= _OVERRUN
         if self._cmd_state != "idle":
-            bits |= StatusBit.CMD_BUSY
+            bits |= _CMD_BUSY
         if self._cmd_done:
-            bits |= StatusBit.CMD_DONE
+            bits |= _CMD_DONE
         if self._cmd_failed:
-            bits |= StatusBit.CMD_FAILED
+            bits |= _CMD_FAILED
         if self._pipeline_ok(now):
-            bits |= StatusBit.PIPELINE_OK
-        return int(bits)
+            bits |= _PIPELINE_OK
+        return bits
 
     def _render(self) -> None:
+        """Re-render the register image: the status block, and the presented result's
+        words (encoded once when the result was queued, not on every render)."""
         now = self._clock()
         c = self.counters
         status = StatusBlock(
@@ -775,10 +885,8 @@ class Handshake:
             map_version=MAP_VERSION,
             in_flight=len(self._pending),
         )
-        result = self._buffer[0] if self._presented else ResultBlock()
-        order = self._cfg.word_order
-        words = list(self._ctrl) + [0] * (StatusBlock.START - ControlBlock.SIZE)
-        words += encode(status, order) + encode(result, order)
+        result = self._buffer_words[0] if self._presented else _EMPTY_RESULT
+        words = self._ctrl + _RESERVED + encode(status, self._cfg.word_order) + result
         if words != self._words:
             self._words = words
             self.version += 1
@@ -806,6 +914,7 @@ class Handshake:
                 "results_queued": len(self._buffer),
                 "active_recipe_id": self._active_recipe,
                 "recipe_state": self._cmd_state,
+                "recipe_handler_running": self._handler_busy,
                 "command_result": self._cmd_result.name,
                 "last_trigger": dict(self._last_trigger) if self._last_trigger else None,
                 "counters": {

@@ -157,8 +157,12 @@ class CommandResult(enum.IntEnum):
     INTERNAL_ERROR = 5
     """The recipe handler raised or returned something unexpected (see the log)."""
     REJECTED_BUSY = 6
-    """Only in the plc.recipe event: RECIPE_EXECUTE while a change was executing
-    (the registers keep showing the executing change)."""
+    """RECIPE_EXECUTE while a change was executing: only in the plc.recipe event (the
+    registers keep showing the executing change); or while the handler of a timed-out
+    change still runs: CMD_FAILED with this code."""
+    TIMEOUT = 7
+    """The recipe handler did not return within plc.recipe_timeout_ms; the previous
+    recipe stays active and READY comes back."""
 
 
 class NoScore:
@@ -250,6 +254,18 @@ def fields_of(block: type[Any]) -> list[tuple[str, Reg]]:
     return sorted(out, key=lambda item: item[1].offset)
 
 
+_LAYOUTS: dict[type[Any], tuple[tuple[str, int, bool], ...]] = {}
+
+
+def _layout(block: type[Any]) -> tuple[tuple[str, int, bool], ...]:
+    """(name, offset, is_u32) per field, computed once per block class (hot path)."""
+    layout = _LAYOUTS.get(block)
+    if layout is None:
+        layout = tuple((name, reg.offset, reg.kind == "u32") for name, reg in fields_of(block))
+        _LAYOUTS[block] = layout
+    return layout
+
+
 def split_u32(value: int, order: WordOrder) -> tuple[int, int]:
     """A 32-bit value as two words in register order."""
     value &= 0xFFFFFFFF
@@ -266,12 +282,20 @@ def join_u32(first: int, second: int, order: WordOrder) -> int:
 def encode(block: ControlBlock | StatusBlock | ResultBlock, order: WordOrder) -> list[int]:
     """A block's values as its ``SIZE`` register words. u16 values saturate at 65535."""
     words = [0] * block.SIZE
-    for name, reg in fields_of(type(block)):
+    high_first = order == "high_first"
+    for name, offset, is_u32 in _layout(type(block)):
         value = int(getattr(block, name))
-        if reg.kind == "u32":
-            words[reg.offset], words[reg.offset + 1] = split_u32(value, order)
-        else:
-            words[reg.offset] = min(max(value, 0), 0xFFFF)
+        if is_u32:
+            value &= 0xFFFFFFFF
+            high, low = value >> 16, value & 0xFFFF
+            if high_first:
+                words[offset], words[offset + 1] = high, low
+            else:
+                words[offset], words[offset + 1] = low, high
+        elif value > 0xFFFF:
+            words[offset] = 0xFFFF
+        elif value > 0:
+            words[offset] = value
     return words
 
 
@@ -280,11 +304,11 @@ def decode(cls: type[B], words: Sequence[int], order: WordOrder) -> B:
     if len(words) < cls.SIZE:
         raise ValueError(f"{cls.__name__} needs {cls.SIZE} words, got {len(words)}")
     values: dict[str, int] = {}
-    for name, reg in fields_of(cls):
-        if reg.kind == "u32":
-            values[name] = join_u32(words[reg.offset], words[reg.offset + 1], order)
+    for name, offset, is_u32 in _layout(cls):
+        if is_u32:
+            values[name] = join_u32(words[offset], words[offset + 1], order)
         else:
-            values[name] = int(words[reg.offset])
+            values[name] = int(words[offset])
     return cls(**values)
 
 

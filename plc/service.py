@@ -4,8 +4,13 @@ Threads (all daemons, all stopped by :meth:`PlcService.stop`):
 
 * ``plc-modbus-server`` / ``plc-modbus-client``: the pymodbus asyncio loop;
   it only touches the in-memory handshake, never app code;
-* ``plc-worker``: calls the app's ``on_trigger(part_id)`` and
-  ``on_recipe(recipe_id)``, one at a time, in trigger order;
+* ``plc-worker``: calls the app's ``on_trigger(part_id)`` in trigger order;
+  it should only grab the part's frame. When it returns a callable (the rest
+  of the work: inspect that frame), ``plc-inspect`` runs it, in trigger
+  order, so the next trigger's frame is grabbed while this part is inspected;
+* ``plc-recipe``: calls the app's ``on_recipe(recipe_id)`` (model loads take
+  seconds; a handler that never returns fails the change at
+  ``plc.recipe_timeout_ms`` and wedges nothing else);
 * ``plc-timer``: deadlines, heartbeat, pipeline watchdog;
 * ``plc-events``: publishes status events on the EventBus.
 
@@ -44,6 +49,9 @@ SOURCE = "plc"
 
 _STOP = object()
 
+TriggerHandler = Callable[[int], Callable[[], object] | None]
+"""``on_trigger(part_id)``: grab the part's frame; may return the rest of the work."""
+
 
 class PlcService:
     """The appliance's Modbus side: a :class:`edge.types.Component`."""
@@ -54,7 +62,7 @@ class PlcService:
         self,
         cfg: PlcConfig,
         events: EventBus,
-        on_trigger: Callable[[int], None],
+        on_trigger: TriggerHandler,
         on_recipe: Callable[[int], RecipeResult] | None = None,
     ) -> None:
         self.cfg = cfg
@@ -62,7 +70,9 @@ class PlcService:
         self._on_trigger = on_trigger
         self._on_recipe = on_recipe
         self.core = Handshake(cfg, recipes_supported=on_recipe is not None)
-        self._work: queue.SimpleQueue[tuple[str, int] | object] = queue.SimpleQueue()
+        self._work: queue.SimpleQueue[int | object] = queue.SimpleQueue()
+        self._inspect: queue.SimpleQueue[Callable[[], object] | object] = queue.SimpleQueue()
+        self._recipes: queue.SimpleQueue[int | object] = queue.SimpleQueue()
         self._event_q: queue.SimpleQueue[EventSpec | object] = queue.SimpleQueue()
         self._timer_cv = threading.Condition()
         self._timer_dirty = False
@@ -81,6 +91,8 @@ class PlcService:
         self._running = True
         for target, name in (
             (self._worker, "plc-worker"),
+            (self._inspector, "plc-inspect"),
+            (self._recipe_worker, "plc-recipe"),
             (self._timer, "plc-timer"),
             (self._publisher, "plc-events"),
         ):
@@ -122,6 +134,7 @@ class PlcService:
             self._link.stop()
         self._running = False
         self._work.put(_STOP)
+        self._recipes.put(_STOP)
         with self._timer_cv:
             self._timer_cv.notify_all()
         self._emit(EventSpec("stopped", "Modbus link stopped"))
@@ -170,9 +183,9 @@ class PlcService:
     # -------------------------------------------------------------- internals
     def _apply(self, fx: Effects) -> None:
         for part_id in fx.triggers:
-            self._work.put(("trigger", part_id))
+            self._work.put(part_id)
         if fx.recipe is not None:
-            self._work.put(("recipe", fx.recipe))
+            self._recipes.put(fx.recipe)
         for ev in fx.events:
             self._emit(ev)
         if fx.wake_timer:
@@ -203,21 +216,42 @@ class PlcService:
         logging.getLogger("plc.audit").info("%s %s %s", peer, what, reason)
 
     def _worker(self) -> None:
-        while True:
-            item = self._work.get()
-            if item is _STOP:
-                return
-            kind, value = cast(tuple[str, int], item)
-            if kind == "trigger":
+        """Trigger order: on_trigger (grab); the step it returns goes to plc-inspect."""
+        try:
+            while True:
+                item = self._work.get()
+                if item is _STOP:
+                    return
+                part_id = cast(int, item)
                 try:
-                    self._on_trigger(value)
+                    rest = self._on_trigger(part_id)
                 except Exception:
                     log.exception(
                         "on_trigger(%d) failed; the part will get an ERROR result at its deadline",
-                        value,
+                        part_id,
                     )
-            else:
-                self._run_recipe(value)
+                    continue
+                if rest is not None:
+                    self._inspect.put(rest)
+        finally:
+            self._inspect.put(_STOP)  # after every step already queued
+
+    def _inspector(self) -> None:
+        while True:
+            step = self._inspect.get()
+            if step is _STOP:
+                return
+            try:
+                cast(Callable[[], object], step)()
+            except Exception:
+                log.exception("inspection step failed; the part gets an ERROR at its deadline")
+
+    def _recipe_worker(self) -> None:
+        while True:
+            item = self._recipes.get()
+            if item is _STOP:
+                return
+            self._run_recipe(cast(int, item))
 
     def _run_recipe(self, recipe_id: int) -> None:
         assert self._on_recipe is not None

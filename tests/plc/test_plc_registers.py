@@ -227,6 +227,51 @@ def test_recipe_rejected_while_executing() -> None:
     assert not _status(core).status & StatusBit.CMD_FAILED
 
 
+def test_recipe_timeout_fails_the_change_and_a_late_answer_tells_the_truth() -> None:
+    core, clock = _core(recipe_timeout_ms=500)
+    core.write(3, [5], "plc")
+    fx = core.write(0, [int(ControlBit.RECIPE_EXECUTE)], "plc")[1]
+    assert fx.recipe == 5
+    assert core.next_wakeup() <= clock.t + 0.5
+    clock.t += 0.499
+    core.tick()
+    assert _status(core).status & StatusBit.CMD_BUSY  # not yet
+    clock.t += 0.002
+    fx = core.tick()
+    st = _status(core)
+    assert st.status & StatusBit.CMD_FAILED
+    assert not st.status & (StatusBit.CMD_BUSY | StatusBit.CMD_DONE)
+    assert st.status & StatusBit.READY  # the station takes parts again
+    assert st.command_result == CommandResult.TIMEOUT
+    assert st.active_recipe_id == 0
+    assert [(e.kind, e.data["state"], e.data["reason"]) for e in fx.events] == [
+        ("recipe", "failed", int(CommandResult.TIMEOUT))
+    ]
+    # while the timed-out handler still runs, a new change is refused visibly
+    core.write(3, [6], "plc")
+    core.write(0, [0], "plc")
+    fx = core.write(0, [int(ControlBit.RECIPE_EXECUTE)], "plc")[1]
+    assert fx.recipe is None
+    st = _status(core)
+    assert st.status & StatusBit.CMD_FAILED
+    assert st.command_result == CommandResult.REJECTED_BUSY
+    # the stuck handler fails late: nothing changes but an event
+    fx = core.recipe_finished(5, RecipeResult(False, CommandResult.LOAD_FAILED, "bad"))
+    assert [e.data["state"] for e in fx.events] == ["late_failed"]
+    assert _status(core).active_recipe_id == 0
+    # a handler that times out and then succeeds: ACTIVE_RECIPE_ID follows the truth
+    core.write(0, [0], "plc")
+    assert core.write(0, [int(ControlBit.RECIPE_EXECUTE)], "plc")[1].recipe == 6
+    clock.t += 0.6
+    core.tick()
+    assert _status(core).command_result == CommandResult.TIMEOUT
+    fx = core.recipe_finished(6, RecipeResult(True))
+    assert [e.data["state"] for e in fx.events] == ["late_completed"]
+    st = _status(core)
+    assert st.active_recipe_id == 6
+    assert st.command_result == CommandResult.TIMEOUT  # what the PLC was told stays
+
+
 def test_error_verdict_from_the_pipeline_is_reported_as_error() -> None:
     core, clock = _core()
     core.write(0, [int(ControlBit.TRIGGER), 0, 1], "plc")

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -13,7 +14,7 @@ import pytest
 from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from edge.types import VerdictCode
+from edge.types import StatusEvent, VerdictCode
 from plc.config import PlcConfig
 from plc.registers import (
     MAP_SIZE,
@@ -339,6 +340,66 @@ def test_recipe_change_waits_for_the_part_in_flight(
     assert states == ["busy", "completed", "busy", "failed"]
 
 
+def _wait_recipe_event(app: Appliance, state: str, timeout_s: float = 10.0) -> StatusEvent:
+    """The first plc.recipe event with this state (events are published by a thread)."""
+    end = time.monotonic() + timeout_s
+    while True:
+        for e in list(app.events):
+            if e.kind == "plc.recipe" and e.data.get("state") == state:
+                return e
+        assert time.monotonic() < end, [e.data for e in app.events if e.kind == "plc.recipe"]
+        time.sleep(0.01)
+
+
+def test_recipe_that_never_returns_times_out_without_wedging_the_station(
+    make_appliance: MakeApp, plc_client: MakeClient
+) -> None:
+    release = threading.Event()
+    calls: list[int] = []
+
+    def on_recipe(recipe_id: int) -> RecipeResult:
+        calls.append(recipe_id)
+        if recipe_id == 5:
+            release.wait(60)  # a model load that hangs (until the test lets it go)
+        return RecipeResult(True, message=f"recipe {recipe_id}")
+
+    app = make_appliance(recipe=on_recipe, recipe_timeout_ms=300)
+    plc = plc_client(app.cfg.port)
+    try:
+        plc.client.write_register(3, 5, device_id=1)
+        plc.write_ctrl(ControlBit.RECIPE_EXECUTE)
+        st = plc.wait(lambda s: bool(s.status & StatusBit.CMD_FAILED), timeout_s=10)
+        assert st.command_result == CommandResult.TIMEOUT
+        assert st.active_recipe_id == 0
+        assert not st.status & StatusBit.CMD_BUSY
+        plc.wait(lambda s: bool(s.status & StatusBit.READY), timeout_s=10)
+        # the handler is still stuck, yet parts are inspected and reported
+        plc.write_ctrl(0)
+        plc.trigger(77)
+        res = plc.take_result(timeout_s=10)
+        assert (res.part_id, res.verdict, res.recipe_id) == (77, VerdictCode.OK, 0)
+        # another change while the stuck handler runs is refused, not queued
+        plc.client.write_register(3, 6, device_id=1)
+        plc.write_ctrl(ControlBit.RECIPE_EXECUTE)
+        st = plc.status()
+        assert st.status & StatusBit.CMD_FAILED
+        assert st.command_result == CommandResult.REJECTED_BUSY
+        assert calls == [5]
+        failed = _wait_recipe_event(app, "failed")
+        assert failed.data["reason"] == CommandResult.TIMEOUT
+    finally:
+        release.set()
+    # the late success is reported and ACTIVE_RECIPE_ID tells the truth
+    plc.wait(lambda s: s.active_recipe_id == 5, timeout_s=10)
+    assert _wait_recipe_event(app, "late_completed").data["recipe_id"] == 5
+    # and the next change runs normally
+    plc.write_ctrl(0)
+    plc.write_ctrl(ControlBit.RECIPE_EXECUTE)
+    st = plc.wait(lambda s: bool(s.status & StatusBit.CMD_DONE), timeout_s=10)
+    assert (st.active_recipe_id, st.command_result) == (6, CommandResult.OK)
+    assert calls == [5, 6]
+
+
 def test_recipe_without_handler_fails_not_supported(
     make_appliance: MakeApp, plc_client: MakeClient
 ) -> None:
@@ -398,3 +459,61 @@ def test_verdict_without_trigger_is_dropped(
     assert not st.status & StatusBit.RESULT_VALID
     assert st.results_queued == 0
     assert app.service.status()["counters"]["late_verdicts"] == 1
+
+
+def test_next_frame_is_grabbed_while_the_previous_part_is_inspected(
+    plc_client: MakeClient,
+) -> None:
+    """on_trigger grabs; the step it returns inspects on another thread, in trigger order."""
+    from edge.events import EventBus
+    from edge.types import Verdict
+
+    grabbed: list[int] = []
+    inspected: list[int] = []
+    first_may_finish = threading.Event()
+    holder: dict[str, PlcService] = {}
+
+    def on_trigger(part_id: int) -> Callable[[], object]:
+        grabbed.append(part_id)
+
+        def inspect() -> None:
+            if part_id == 1:
+                first_may_finish.wait(30)
+            inspected.append(part_id)
+            holder["svc"].on_verdict(
+                Verdict(
+                    inspection_id=part_id,
+                    frame_sequence=part_id,
+                    source_id="t",
+                    trigger_id=part_id,
+                    code=VerdictCode.OK,
+                    score=0.1,
+                    threshold=0.5,
+                )
+            )
+
+        return inspect
+
+    cfg = PlcConfig(enabled=True, port=free_tcp_port(), heartbeat_timeout_ms=60000)
+    svc = PlcService(cfg, EventBus(), on_trigger)
+    holder["svc"] = svc
+    svc.start()
+    try:
+        svc.heartbeat_ok()
+        plc = plc_client(cfg.port)
+        plc.wait(lambda s: bool(s.status & StatusBit.READY), timeout_s=10)
+        plc.trigger(1)
+        plc.trigger(2)  # accepted (READY) while part 1 is still being inspected
+        end = time.monotonic() + 10
+        while grabbed != [1, 2]:
+            assert time.monotonic() < end, grabbed
+            time.sleep(0.005)
+        assert inspected == []  # part 2's frame was grabbed during part 1's inspection
+        assert plc.status().in_flight == 2
+        first_may_finish.set()
+        assert plc.take_result(timeout_s=10).part_id == 1
+        assert plc.take_result(timeout_s=10).part_id == 2
+        assert inspected == [1, 2]
+    finally:
+        first_may_finish.set()
+        svc.stop()
