@@ -123,6 +123,12 @@ class SimReport:
     handshake_p50_ms: float = math.nan
     """p50 of (observed latency - appliance LATENCY_MS): Modbus, polling and result queueing."""
     handshake_p99_ms: float = math.nan
+    scans: int = 0
+    """PLC scans (one status+result read each) made during the run."""
+    scan_p50_ms: float = math.nan
+    """The simulator's own scan period, start to start (poll jitter: compare with poll_ms)."""
+    scan_p99_ms: float = math.nan
+    scan_max_ms: float = math.nan
     latencies_ms: list[float] = field(default_factory=list, repr=False)
 
     def to_dict(self, *, with_latencies: bool = False) -> dict[str, Any]:
@@ -162,6 +168,11 @@ class SimReport:
             (
                 "handshake overhead p50 / p99",
                 f"{self.handshake_p50_ms:.1f} / {self.handshake_p99_ms:.1f} ms",
+            ),
+            (
+                "simulator scan p50 / p99 / max",
+                f"{self.scan_p50_ms:.2f} / {self.scan_p99_ms:.2f} / {self.scan_max_ms:.2f} ms"
+                f" ({self.scans} scans)",
             ),
             ("appliance overruns", self.appliance_overruns),
             ("communication errors", self.comm_errors),
@@ -387,6 +398,7 @@ class _Line:
         self.stale_drained = 0
         self.comm_errors = 0
         self.first_comm_error = 0.0
+        self.scan_ms: list[float] = []
 
     async def _read(self) -> tuple[StatusBlock, ResultBlock]:
         words = await self.io.read(StatusBlock.START, _SR_COUNT)
@@ -435,8 +447,12 @@ class _Line:
         end_by = math.inf
         status = first
         next_scan = time.monotonic()
+        last_scan = 0.0
         while True:
             now = time.monotonic()
+            if last_scan:
+                self.scan_ms.append((now - last_scan) * 1000)
+            last_scan = now
             if self.stop is not None and self.stop.is_set() and not stopping:
                 stopping = True
             if (next_idx >= s.parts or stopping) and end_by == math.inf:
@@ -541,6 +557,10 @@ class _Line:
             appliance_p99_ms=percentile(self.appliance_ms, 99),
             handshake_p50_ms=round(percentile(self.handshake_ms, 50), 3),
             handshake_p99_ms=round(percentile(self.handshake_ms, 99), 3),
+            scans=len(self.scan_ms) + 1,
+            scan_p50_ms=round(percentile(self.scan_ms, 50), 3),
+            scan_p99_ms=round(percentile(self.scan_ms, 99), 3),
+            scan_max_ms=round(max(self.scan_ms), 3) if self.scan_ms else math.nan,
             latencies_ms=[round(x, 3) for x in lat],
         )
 
