@@ -13,8 +13,9 @@ power cut at any moment therefore leaves either the old or the new pointer,
 both naming complete packages: the station always starts on a consistent,
 working model.
 
-The appliance calls :func:`active_package_path` at start-up; the web
-panel's Models page uses :class:`SlotStore` (``describe``, ``install``).
+The appliance calls :func:`install_config_package` (when ``model.package``
+is set) and :func:`active_package_path` at start-up; the web panel's Models
+page uses :class:`SlotStore` (``describe``, ``install``).
 """
 
 from __future__ import annotations
@@ -312,3 +313,50 @@ def active_package_path(slots_dir: Path) -> Path | None:
         return None
     pkg = slots_dir / "packages" / ptr.active / PACKAGE_FILE
     return pkg if pkg.is_file() else None
+
+
+CONFIG_MARKER = "config-package.json"
+
+
+def install_config_package(
+    slots_dir: Path, package: Path, trusted_keys: list[Any] | None = None
+) -> tuple[Path, bool]:
+    """Make the configuration's ``model.package`` a slot; return (package to run, installed).
+
+    ``model.package`` is the station's *initial* model, not a pin: the first
+    start copies it into a slot and makes it active, so the fleet or the panel
+    can later activate another model with this one as ``previous`` (to roll
+    back to), and an activation survives a restart. The copy is installed
+    again only when the configuration names a different package than the one
+    installed last (``config-package.json`` remembers it): then it becomes
+    active and the model it replaces becomes ``previous``.
+
+    Raises ``models.package.PackageError`` when the package is refused and
+    :class:`SlotError` when the slots folder is unusable.
+    """
+    import hashlib
+    import tempfile
+
+    from models.package import load_package, pack_tar
+
+    store = SlotStore(slots_dir)
+    marker = slots_dir / CONFIG_MARKER
+    with load_package(Path(package), trusted_keys) as pkg:
+        m = pkg.manifest
+        digest = hashlib.sha256(pkg.manifest_bytes).hexdigest()
+        slot = slot_name_for(m.name, m.version, digest)
+        try:
+            last = json.loads(marker.read_text()).get("slot")
+        except (FileNotFoundError, ValueError, AttributeError):
+            last = None
+        ptr = store.read()
+        active = ptr.active is not None and store.package_path(ptr.active).is_file()
+        if last == slot and active:
+            assert ptr.active is not None
+            return store.package_path(ptr.active), False
+        with tempfile.TemporaryDirectory(dir=store.incoming) as tmp:
+            tar = pack_tar(pkg.root, Path(tmp) / PACKAGE_FILE)
+            store.install(tar, slot, m.version, m.name)
+    info = {"slot": slot, "package": str(package), "installed_unix": time.time()}
+    atomic_write_bytes(marker, json.dumps(info, indent=1).encode())
+    return store.package_path(slot), True

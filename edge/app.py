@@ -168,6 +168,9 @@ class Appliance:
         self._stopped_parts: list[tuple[str, Callable[[], None]]] = []
         self._stopping = threading.Event()
         self._model_lock = threading.RLock()
+        # serialises slot changes made here (panel) with _follow_slots: a swap and the
+        # pointer write that records it must not be split by a follow-up swap
+        self._slots_lock = threading.RLock()
         self._threshold: float | None = cfg.pipeline.threshold
         self._latest: LiveResult | None = None
         self._loop_thread: threading.Thread | None = None
@@ -356,9 +359,10 @@ class Appliance:
     # ======================================================================= model
     def _package_path(self) -> Path:
         cfg = self._cfg
-        if cfg.model.package is not None:
-            return Path(cfg.model.package)
         from cloud_sync.slots import active_package_path
+
+        if cfg.model.package is not None:
+            return self._install_config_package(Path(cfg.model.package))
 
         active = active_package_path(Path(cfg.uplink.updates.slots_dir))
         if active is not None:
@@ -367,6 +371,32 @@ class Appliance:
             "no model package: set model.package in the configuration, "
             "install one with the uplink, or run `lineinspect demo`"
         )
+
+    def _install_config_package(self, package: Path) -> Path:
+        """``model.package`` is the initial model: it becomes a slot (see cloud_sync.slots)."""
+        from cloud_sync.slots import SlotError, active_package_path, install_config_package
+        from models.package import PackageError
+
+        slots_dir = Path(self._cfg.uplink.updates.slots_dir)
+        try:
+            path, installed = install_config_package(slots_dir, package, self._trusted_keys())
+        except (PackageError, SlotError, OSError) as exc:
+            active = None
+            try:
+                active = active_package_path(slots_dir)
+            except Exception:  # a corrupt pointer: nothing to fall back on
+                log.debug("no usable slot to fall back on", exc_info=True)
+            if active is None:
+                raise ApplianceError(f"model.package {package}: {exc}") from exc
+            msg = f"model.package {package} refused ({exc}); running the active slot {active}"
+            log.error(msg)
+            self.events.emit("model.config_refused", SOURCE, msg, Severity.ERROR)
+            return active
+        if installed:
+            log.info("model.package %s installed as the active model slot (%s)", package, path)
+        else:
+            log.info("model slots: running the active slot %s (model.package %s)", path, package)
+        return path
 
     def _trusted_keys(self) -> list[Any] | None:
         paths = self._cfg.model.trusted_keys
@@ -561,8 +591,12 @@ class Appliance:
 
     def _follow_slots(self) -> None:
         """Swap in the slots' active package when another process (the uplink unit) moved it."""
-        if self._cfg.model.package is not None or self._stopping.is_set():
-            return
+        if self._stopping.is_set() or self.uplink is not None:
+            return  # an in-process uplink swaps through swap_model itself
+        with self._slots_lock:
+            self._follow_slots_locked()
+
+    def _follow_slots_locked(self) -> None:
         from cloud_sync.slots import active_package_path
 
         try:
@@ -762,6 +796,10 @@ class Appliance:
         return self._slot_info(SlotName.STAGED, slot, slots)
 
     def activate_staged(self) -> ModelSlot:
+        with self._slots_lock:
+            return self._activate_staged()
+
+    def _activate_staged(self) -> ModelSlot:
         slots = self._slots()
         ptr = slots.read()
         if ptr.staged is None:
@@ -774,6 +812,10 @@ class Appliance:
         return self._slot_info(SlotName.ACTIVE, ptr.active, slots)
 
     def rollback(self) -> ModelSlot:
+        with self._slots_lock:
+            return self._rollback()
+
+    def _rollback(self) -> ModelSlot:
         slots = self._slots()
         ptr = slots.read()
         if ptr.previous is None:

@@ -15,8 +15,10 @@ class ModelConfig(StrictModel):
     package: Path | None = Field(
         None,
         title="Model package",
-        description="Folder or .tar of the model package to load; "
-        "None lets `demo` teach one on first start.",
+        description="Folder or .tar of the station's initial model package: installed "
+        "into the model slots at the first start (and again whenever this names a "
+        "different package), so later activations survive restarts; None runs the "
+        "active slot (`demo` teaches a model on first start).",
     )
     trusted_keys: list[Path] = Field(
         default_factory=list,

@@ -172,8 +172,12 @@ def test_stage_activate_rollback_via_slots(
     active = app.activate_staged()
     assert active.name == "toy-rgb"
     assert app.trigger(1).model_name == "toy-rgb"
+    # model.package was installed as a slot at start-up: it is the one to roll back to
+    back = app.rollback()
+    assert back.name == "toy-brightness"
+    assert app.trigger(2).model_name == "toy-brightness"
     with pytest.raises(ValueError, match="no previous"):
-        app.rollback()  # the first slot install had no previous slot
+        app.rollback()
     with pytest.raises(ValueError, match="no staged"):
         app.activate_staged()
     with pytest.raises(ValueError, match="refused"):
@@ -214,7 +218,14 @@ def test_start_failure_stops_what_started(tmp_path: Path, toy_package_dir: Path)
     s = ResultStore(cfg.store)
     s.start()
     s.stop()
-    no_model = Appliance(_cfg(tmp_path, toy_package_dir, model={"package": None}))
+    no_model = Appliance(
+        _cfg(
+            tmp_path,
+            toy_package_dir,
+            model={"package": None},
+            uplink={"updates": {"slots_dir": str(tmp_path / "empty-slots")}},
+        )
+    )
     with pytest.raises(ApplianceError, match="no model package"):
         no_model.start()
 
