@@ -150,8 +150,8 @@ def test_technician_day_one(served: tuple[str, Appliance], tmp_path: Path) -> No
         assert "threshold.set" in (page.text_content("#audit") or "")
 
         # -- models: activate a staged package and roll back, each after a confirmation.
-        # (The package from the config file is not a slot, so a first activation has
-        # no previous slot: activate two slot packages, then roll back to the first.)
+        # (Two activations, then a rollback to the first; the config package's own
+        # slot and rollback across restarts are covered in tests/edge/test_model_slots.py.)
         from models.toy_package import build_toy_package
 
         def activate(version: str) -> None:
