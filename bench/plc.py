@@ -458,7 +458,7 @@ def bench_rate(
     if pipeline_ms:
         out["pipeline_p50_ms"] = round(percentile(pipeline_ms, 50), 3)
         out["pipeline_p99_ms"] = round(percentile(pipeline_ms, 99), 3)
-    for key in ("scan_p50_ms", "scan_p99_ms", "scan_max_ms", "scans"):
+    for key in ("scan_mean_ms", "scan_p50_ms", "scan_p99_ms", "scan_max_ms", "scans"):
         value = getattr(report, key, None)
         if value is not None:
             out[f"sim_{key}"] = value
