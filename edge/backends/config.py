@@ -49,6 +49,15 @@ class OnnxRuntimeBackendConfig(StrictModel):
         title="Inter-op threads",
         description="Threads running independent operators in parallel; 0 = ORT default.",
     )
+    spinning: Literal["run", "always", "never"] = Field(
+        "run",
+        title="Thread spinning",
+        description="How ONNX Runtime's intra-op threads wait for work (cpu): run = spin "
+        "while a call runs and stop when it returns, so capture, the result store and the "
+        "panel get the cores between parts; always = keep spinning after a call (ORT's "
+        "default); never = block at once (least CPU; best on a machine shared with other "
+        "busy processes).",
+    )
     device_id: int = Field(0, ge=0, title="GPU", description="CUDA device index (cuda/tensorrt).")
     trt_fp16: bool = Field(
         True, title="TensorRT FP16", description="Let the TensorRT provider use FP16 kernels."

@@ -31,6 +31,13 @@ _PROVIDER_NAMES = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 
+# session config entries per ``spinning`` (onnxruntime_session_options_config_keys.h)
+_SPINNING: dict[str, dict[str, str]] = {
+    "run": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "1"},
+    "always": {"session.intra_op.allow_spinning": "1", "session.force_spinning_stop": "0"},
+    "never": {"session.intra_op.allow_spinning": "0"},
+}
+
 
 def available_providers() -> list[str]:
     """ONNX Runtime's execution providers on this machine ([] when ORT is missing)."""
@@ -117,6 +124,8 @@ class OnnxRuntimeBackend(Backend):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        for key, value in _SPINNING[self.config.spinning].items():
+            opts.add_session_config_entry(key, value)
         try:
             session = ort.InferenceSession(
                 str(graph.path), sess_options=opts, providers=self._provider_list()
@@ -154,6 +163,7 @@ class OnnxRuntimeBackend(Backend):
             "graph": self._graph.kind if self._graph else None,
             "intra_op_threads": self.config.intra_op_threads,
             "inter_op_threads": self.config.inter_op_threads,
+            "spinning": self.config.spinning,
         }
 
     def close(self) -> None:

@@ -56,6 +56,35 @@ def test_round_trip_reference_scores(toy_package: ModelPackage, graph: str) -> N
     backend.close()
 
 
+@pytest.mark.parametrize(
+    ("spinning", "allow", "stop"),
+    [("run", "1", "1"), ("always", "1", "0"), ("never", "0", None)],
+)
+def test_spinning_setting_reaches_the_session(
+    toy_package: ModelPackage, spinning: str, allow: str, stop: str | None
+) -> None:
+    backend = create_backend(
+        OnnxRuntimeBackendConfig(intra_op_threads=2, spinning=spinning)  # type: ignore[arg-type]
+    )
+    backend.load(graph_source(toy_package, "fp32"))
+    opts = backend._session.get_session_options()  # type: ignore[attr-defined]
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == allow
+    if stop is not None:
+        assert opts.get_session_config_entry("session.force_spinning_stop") == stop
+    assert backend.describe()["spinning"] == spinning
+    ref, path = next(iter(toy_package.reference_images()))
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    score = float(backend.run(toy_package.preprocess(image)).score[0])
+    assert abs(score - ref.scores["fp32"]) <= ROUND_TRIP_TOL
+    backend.close()
+
+
+def test_spinning_defaults_to_run_and_rejects_unknown_values() -> None:
+    assert OnnxRuntimeBackendConfig().spinning == "run"
+    with pytest.raises(ValueError, match="spinning"):
+        OnnxRuntimeBackendConfig(spinning="sometimes")  # type: ignore[arg-type]
+
+
 def test_round_trip_rgb_package_batch(toy_rgb_package_dir: Path) -> None:
     with load_package(toy_rgb_package_dir) as pkg:
         backend = create_backend(OnnxRuntimeBackendConfig())
