@@ -45,7 +45,7 @@ from edge.pipeline import (
     decision_settings,
     load_model,
 )
-from edge.store import ResultStore, StoredVerdict
+from edge.store import ResultStore, StoredVerdict, lower_thread_priority
 from edge.types import Frame, Severity, StatusEvent, Verdict, VerdictCode, VerdictSink
 from edge.watchdog import SystemdNotifier
 from edge.web.backend import (
@@ -113,7 +113,11 @@ class _Panel:
         self._server = uvicorn.Server(
             uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
         )
-        self._thread = threading.Thread(target=self._server.run, name="panel", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name="panel", daemon=True)
+
+    def _serve(self) -> None:
+        lower_thread_priority()  # the panel (and its worker threads) yield to the hot path
+        self._server.run()
 
     def start(self) -> None:
         self._thread.start()
@@ -481,12 +485,15 @@ class Appliance:
     def _free_run_loop(self) -> None:
         capture = self.capture
         assert capture is not None
-        while not self._stopping.is_set():
-            self._loop_beat = time.monotonic()
-            frame = capture.latest(timeout_s=0.25)
-            if frame is None:
-                continue
-            self.pipeline.inspect(frame)
+        # overlapped: part N is committed and reported while the backend runs part N+1
+        self.pipeline.run_overlapped(
+            lambda timeout_s: capture.latest(timeout_s=timeout_s),
+            self._stopping.is_set,
+            self._loop_alive,
+        )
+
+    def _loop_alive(self) -> None:
+        self._loop_beat = time.monotonic()
 
     def _on_plc_trigger(self, part_id: int) -> Callable[[], Verdict]:
         """PLC worker: grab the part's frame now; the PLC's inspection thread runs the

@@ -2,15 +2,23 @@
 
 The hot path, in order, with nothing slow in between:
 
-1. reserve the next inspection id (in memory, continues after a restart);
-2. preprocess exactly as the package's manifest says
+1. preprocess exactly as the package's manifest says
    (:meth:`models.package.ModelPackage.preprocess`, the one implementation);
-3. run the backend through the watchdog (:class:`edge.watchdog.InferenceRunner`)
+2. run the backend through the watchdog (:class:`edge.watchdog.InferenceRunner`)
    under its deadline;
-4. decide (:func:`edge.decide.decide`);
-5. commit the verdict to SQLite (:meth:`edge.store.ResultStore.commit`);
-6. only then report it to the sinks (PLC, panel, logs), and queue the images
+3. decide (:func:`edge.decide.decide`);
+4. reserve the next inspection id (in memory, continues after a restart) and
+   commit the verdict to SQLite (:meth:`edge.store.ResultStore.commit`), so
+   ids are committed in increasing order;
+5. only then report it to the sinks (PLC, panel, logs), and queue the images
    for the store's background writer (drawing and disk writes happen there).
+
+:meth:`Pipeline.inspect` runs them one part at a time (triggered mode). The
+free-run loop overlaps parts instead: :meth:`Pipeline.begin` does 1 and starts
+2, :meth:`Pipeline.collect` waits for 2, :meth:`Pipeline.finish` does 3-5, and
+the loop begins part N+1 (when a frame is already waiting) before it finishes
+part N, so deciding, committing and reporting N run while the backend works
+on N+1 (see :meth:`Pipeline.run_overlapped`).
 
 Any fault on the way (bad frame, backend error or hang, store failure) makes
 an ERROR verdict: a fault never looks like OK.
@@ -35,6 +43,7 @@ import numpy.typing as npt
 from edge.backends.base import (
     Backend,
     BackendError,
+    BackendOutput,
     GraphSource,
     create_backend,
     registry,
@@ -45,7 +54,7 @@ from edge.events import EventBus
 from edge.runtime_config import BackendSection, PipelineConfig
 from edge.store import ImageJob, ResultStore, StoreError
 from edge.types import Frame, ImageArray, Region, Severity, Verdict, VerdictCode, VerdictSink
-from edge.watchdog import BackendCandidate, InferenceRunner
+from edge.watchdog import BackendCandidate, InferenceCall, InferenceRunner
 from models.package import ModelPackage
 
 log = logging.getLogger(__name__)
@@ -232,6 +241,23 @@ class _Pending:
     pixel_threshold: float
 
 
+@dataclass(slots=True)
+class PartInFlight:
+    """A part between :meth:`Pipeline.begin` and :meth:`Pipeline.finish`."""
+
+    frame: Frame
+    state: ModelState | None
+    t0: float
+    """``time.perf_counter()`` at begin."""
+    timings: dict[str, float]
+    call: InferenceCall | None = None
+    """The backend call in flight (None: none was started)."""
+    error: str = ""
+    """Why this part is an ERROR, once known (bad frame, backend fault, ...)."""
+    output: BackendOutput | None = None
+    collected: bool = False
+
+
 class _Rolling:
     """Recent values for percentiles (thread-safe enough: deque appends are atomic)."""
 
@@ -284,6 +310,8 @@ class Pipeline:
         self.listeners: list[ResultListener] = list(listeners)
         self._state: ModelState | None = None
         self._inspect_lock = threading.Lock()
+        self._finish_lock = threading.Lock()
+        """Serialises id reservation, commit and reporting: ids are committed in order."""
         self._counts = {VerdictCode.OK: 0, VerdictCode.NG: 0, VerdictCode.ERROR: 0}
         self._not_stored = 0
         self._last_id: int | None = None
@@ -323,13 +351,63 @@ class Pipeline:
     def inspect(self, frame: Frame) -> Verdict:
         """Inspect one frame; the returned verdict is committed and already reported."""
         with self._inspect_lock:
-            return self._inspect(frame)
+            return self.finish(self._begin(frame))
 
-    def _inspect(self, frame: Frame) -> Verdict:
+    def begin(self, frame: Frame) -> PartInFlight:
+        """Preprocess ``frame`` and start the backend on it (returns while it runs).
+
+        Every part begun must be :meth:`finish`-ed (it then gets its verdict,
+        ERROR when anything failed); at most one part's backend call is in
+        flight, so :meth:`collect` the previous part before the next begin.
+        """
+        with self._inspect_lock:
+            return self._begin(frame)
+
+    def _begin(self, frame: Frame) -> PartInFlight:
         t0 = time.perf_counter()
-        iid = self.store.next_inspection_id()
         state = self._state
-        timings: dict[str, float] = {}
+        part = PartInFlight(frame, state, t0, {})
+        if state is None or not self.running:
+            part.error = "no model loaded" if state is None else "pipeline stopped"
+            part.collected = True
+            return part
+        try:
+            x = state.package.preprocess(frame.image)
+        except (ValueError, cv2.error) as exc:
+            part.error = f"bad frame: {exc}"
+            part.collected = True
+            return part
+        t1 = time.perf_counter()
+        part.timings["preprocess"] = (t1 - t0) * 1000.0
+        try:
+            part.call = state.runner.submit(x)
+        except BackendError as exc:
+            part.timings["infer"] = (time.perf_counter() - t1) * 1000.0
+            part.error = str(exc)
+            part.collected = True
+        return part
+
+    def collect(self, part: PartInFlight) -> None:
+        """Wait for the part's backend call (at most until its deadline); idempotent."""
+        if part.collected:
+            return
+        part.collected = True
+        call, state = part.call, part.state
+        if call is None or state is None:  # not started: its error is already set
+            part.error = part.error or "the backend was not started"
+            return
+        try:
+            part.output = state.runner.result(call)
+        except BackendError as exc:
+            part.error = str(exc)
+        part.timings["infer"] = call.latency_ms
+        if part.output is not None:
+            self._infer.add(part.timings["infer"])
+
+    def finish(self, part: PartInFlight) -> Verdict:
+        """Decide, commit and report a begun part; the verdict returned is committed."""
+        self.collect(part)
+        frame, state = part.frame, part.state
         pixel_thr = state.settings.pixel_threshold if state else 1.0
 
         def make(
@@ -340,7 +418,7 @@ class Pipeline:
             defect_class: str = "",
         ) -> Verdict:
             return Verdict(
-                inspection_id=iid,
+                inspection_id=0,  # reserved at the commit
                 frame_sequence=frame.sequence,
                 source_id=frame.source_id,
                 trigger_id=frame.trigger_id,
@@ -355,44 +433,63 @@ class Pipeline:
                 capture_time=frame.capture_time,
             )
 
-        if state is None or not self.running:
-            why = "no model loaded" if state is None else "pipeline stopped"
+        out = part.output
+        if out is None or state is None:
+            error = part.error or "no result"
+            verdict = make(VerdictCode.ERROR, NAN, error)
             return self._finish(
-                _Pending(make(VerdictCode.ERROR, NAN, why), frame.image, None, pixel_thr),
-                t0,
-                timings,
-            )
-        try:
-            x = state.package.preprocess(frame.image)
-        except (ValueError, cv2.error) as exc:
-            return self._finish(
-                _Pending(
-                    make(VerdictCode.ERROR, NAN, f"bad frame: {exc}"), frame.image, None, pixel_thr
-                ),
-                t0,
-                timings,
-            )
-        t1 = time.perf_counter()
-        timings["preprocess"] = (t1 - t0) * 1000.0
-        try:
-            out = state.runner.infer(x)
-        except BackendError as exc:
-            timings["infer"] = (time.perf_counter() - t1) * 1000.0
-            return self._finish(
-                _Pending(make(VerdictCode.ERROR, NAN, str(exc)), frame.image, None, pixel_thr),
-                t0,
-                timings,
+                _Pending(verdict, frame.image, None, pixel_thr), part.t0, part.timings
             )
         t2 = time.perf_counter()
-        timings["infer"] = (t2 - t1) * 1000.0
-        self._infer.add(timings["infer"])
         amap = out.anomaly_map[0]
         d = decide(float(out.score[0]), amap, frame.image.shape[:2], state.settings)
-        timings["decide"] = (time.perf_counter() - t2) * 1000.0
+        part.timings["decide"] = (time.perf_counter() - t2) * 1000.0
         verdict = make(d.code, d.score, d.error, d.regions, d.defect_class)
-        return self._finish(_Pending(verdict, frame.image, amap, pixel_thr), t0, timings)
+        return self._finish(_Pending(verdict, frame.image, amap, pixel_thr), part.t0, part.timings)
+
+    def run_overlapped(
+        self,
+        next_frame: Callable[[float], Frame | None],
+        stopping: Callable[[], bool],
+        beat: Callable[[], None] = lambda: None,
+    ) -> int:
+        """The free-run loop: inspect frames from ``next_frame(timeout_s)`` until ``stopping()``.
+
+        Part N is decided, committed and reported while the backend runs part
+        N+1 when a frame is already waiting (a camera faster than the
+        pipeline); otherwise N is finished at once, so a slow camera adds no
+        latency. Frames are taken only when the backend is free, so the
+        freshest frame is inspected. Every part begun is finished before it
+        returns; returns how many parts it finished.
+        """
+        done = 0
+        part: PartInFlight | None = None
+        while True:
+            beat()
+            if part is None:
+                if stopping():
+                    return done
+                frame = next_frame(0.25)
+                if frame is not None:
+                    part = self.begin(frame)
+                continue
+            self.collect(part)
+            following: PartInFlight | None = None
+            if not stopping():
+                frame = next_frame(0.0)
+                if frame is not None:
+                    following = self.begin(frame)
+            self.finish(part)
+            done += 1
+            part = following
 
     def _finish(self, pending: _Pending, t0: float, timings: dict[str, float]) -> Verdict:
+        with self._finish_lock:
+            return self._commit_and_report(pending, t0, timings)
+
+    def _commit_and_report(
+        self, pending: _Pending, t0: float, timings: dict[str, float]
+    ) -> Verdict:
         verdict = pending.verdict
         now = time.perf_counter()
         timings["pipeline"] = (now - t0) * 1000.0
@@ -400,7 +497,12 @@ class Pipeline:
             timings["total"] = max(0.0, (time.monotonic() - verdict.capture_time) * 1000.0)
         else:
             timings["total"] = timings["pipeline"]
-        verdict = dataclasses.replace(verdict, timings_ms=timings, decided_unix=time.time())
+        verdict = dataclasses.replace(
+            verdict,
+            inspection_id=self.store.next_inspection_id(),
+            timings_ms=timings,
+            decided_unix=time.time(),
+        )
         stored = True
         try:
             self.store.commit(verdict)
@@ -448,7 +550,7 @@ class Pipeline:
             t0 = time.perf_counter()
             state = self._state
             verdict = Verdict(
-                inspection_id=self.store.next_inspection_id(),
+                inspection_id=0,  # reserved at the commit
                 frame_sequence=-1,
                 source_id=source_id,
                 trigger_id=trigger_id,

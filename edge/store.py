@@ -33,6 +33,7 @@ import errno
 import json
 import logging
 import math
+import os
 import queue
 import shutil
 import sqlite3
@@ -100,6 +101,29 @@ _COLUMNS = (
     "model_name, model_version, timings_json, error, trigger_id, source_id, "
     "frame_sequence, capture_time"
 )
+
+
+BACKGROUND_NICE = 10
+"""How much lower than the hot path the image writer (and the panel) run (Linux nice)."""
+
+
+def lower_thread_priority(delta: int = BACKGROUND_NICE) -> bool:
+    """Lower the calling thread's CPU priority by ``delta`` nice steps (Linux; best effort).
+
+    On Linux the nice value is per thread (and inherited by threads it starts),
+    so background work (encoding and writing images, drawing overlays, the
+    panel) yields the two cores to capture, inference and the verdict commit.
+    Returns False where it cannot be done (other systems, a sandbox).
+    """
+    if not hasattr(os, "setpriority") or delta <= 0:
+        return False
+    try:
+        tid = threading.get_native_id()
+        now = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, now + delta))
+    except OSError:
+        return False
+    return True
 
 
 class StoreError(Exception):
@@ -434,6 +458,7 @@ class ResultStore:
 
     # -- background writer ------------------------------------------------------
     def _writer_loop(self) -> None:
+        lower_thread_priority()  # encoding, drawing and disk writes yield to the hot path
         conn = self._connect()
         try:
             while True:

@@ -10,6 +10,11 @@ thread. The pipeline's call waits at most ``deadline_s``:
 - a call that raises counts as an error (``backend.error``); after
   ``max_consecutive_errors`` in a row the backend is replaced.
 
+:meth:`InferenceRunner.submit` starts a call and :meth:`InferenceRunner.result`
+waits for it (the deadline counts from the submit), so a caller can do other
+work while the backend runs: the free-run loop decides, commits and reports
+the previous part meanwhile. :meth:`InferenceRunner.infer` is both in one.
+
 Replacement happens on a recovery thread while further parts get ERROR
 verdicts straight away ("backend recovering"): the candidates (primary, then
 fallback) are tried in turn starting after the one that failed, so with a
@@ -58,7 +63,25 @@ class BackendCandidate:
     load: Callable[[], Backend]
 
 
-_Job = tuple[FloatArray, "concurrent.futures.Future[BackendOutput]"]
+@dataclass(slots=True)
+class InferenceCall:
+    """One backend call, started by :meth:`InferenceRunner.submit`."""
+
+    worker: _Worker
+    future: concurrent.futures.Future[BackendOutput]
+    submitted: float
+    """``time.perf_counter()`` when it was submitted."""
+    returned: float = 0.0
+    """``time.perf_counter()`` when the backend returned (0.0 while it runs)."""
+
+    @property
+    def latency_ms(self) -> float:
+        """Submit to the backend's return (so far, while it runs)."""
+        end = self.returned or time.perf_counter()
+        return (end - self.submitted) * 1000.0
+
+
+_Job = tuple[FloatArray, InferenceCall]
 
 
 class _Worker:
@@ -72,26 +95,32 @@ class _Worker:
         self._thread = threading.Thread(target=self._loop, name=f"backend-{label}", daemon=True)
         self._thread.start()
 
-    def submit(self, x: FloatArray) -> concurrent.futures.Future[BackendOutput]:
-        fut: concurrent.futures.Future[BackendOutput] = concurrent.futures.Future()
+    def submit(self, x: FloatArray) -> InferenceCall:
+        call = InferenceCall(self, concurrent.futures.Future(), time.perf_counter())
         try:
-            self._jobs.put_nowait((x, fut))
+            self._jobs.put_nowait((x, call))
         except queue.Full:
-            fut.set_exception(BackendError("backend is still busy with the previous part"))
-        return fut
+            call.returned = call.submitted
+            call.future.set_exception(BackendError("backend is still busy with the previous part"))
+        return call
 
     def _loop(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 break
-            x, fut = job
+            x, call = job
+            fut = call.future
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(self.backend.run(x))
+                out = self.backend.run(x)
             except BaseException as exc:
+                call.returned = time.perf_counter()
                 fut.set_exception(exc)
+            else:
+                call.returned = time.perf_counter()
+                fut.set_result(out)
             if self.abandoned.is_set():
                 break
         self._close()
@@ -186,15 +215,31 @@ class InferenceRunner:
     # -- hot path -----------------------------------------------------------------
     def infer(self, x: FloatArray) -> BackendOutput:
         """Run the live backend on ``x`` within the deadline; raises :class:`BackendError`."""
+        return self.result(self.submit(x))
+
+    def submit(self, x: FloatArray) -> InferenceCall:
+        """Start the live backend on ``x`` (returns at once); raises :class:`BackendError`.
+
+        At most one call is in flight: wait for it with :meth:`result` before
+        the next submit.
+        """
         with self._lock:
             worker = self._worker
             recovering = self._recovering
         if worker is None or recovering:
             raise BackendRecoveringError("backend recovering after a fault; no result")
-        t0 = time.perf_counter()
-        fut = worker.submit(x)
+        return worker.submit(x)
+
+    def result(self, call: InferenceCall) -> BackendOutput:
+        """The outcome of a :meth:`submit`, waiting at most until its deadline.
+
+        The deadline counts from the submit. Raises :class:`BackendTimeoutError`
+        (hang: the backend is replaced), :class:`BackendError` (the call failed).
+        """
+        worker, fut = call.worker, call.future
         try:
-            out = fut.result(timeout=self.deadline_s)
+            wait_s = max(0.0, call.submitted + self.deadline_s - time.perf_counter())
+            out = fut.result(timeout=wait_s)
         except concurrent.futures.TimeoutError:
             self.hangs += 1
             worker.abandoned.set()
@@ -228,7 +273,7 @@ class InferenceRunner:
             if isinstance(exc, BackendError):
                 raise
             raise BackendError(f"{type(exc).__name__}: {exc}") from exc
-        latency_ms = (time.perf_counter() - t0) * 1000.0
+        latency_ms = call.latency_ms
         self._latencies_ms.append(latency_ms)
         if latency_ms > self.deadline_s * 500.0 and time.monotonic() > self._next_slow_event:
             self._next_slow_event = time.monotonic() + 10.0

@@ -16,7 +16,7 @@ import pytest
 
 from edge.events import EventBus
 from edge.runtime_config import StoreConfig
-from edge.store import ImageJob, ResultStore
+from edge.store import BACKGROUND_NICE, ImageJob, ResultStore, lower_thread_priority
 from edge.types import Region, StatusEvent, Verdict, VerdictCode
 
 
@@ -340,3 +340,44 @@ def test_pipeline_on_a_full_disk_never_crashes_never_claims(
         state.runner.stop()
         s.stop()
         pkg.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is Linux")
+def test_image_writer_runs_at_lower_priority_than_the_hot_path(store: ResultStore) -> None:
+    import threading
+
+    main_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    want = min(19, main_nice + BACKGROUND_NICE)
+    writer = next(t for t in threading.enumerate() if t.name == "store-writer")
+    assert writer.native_id is not None
+    deadline = time.monotonic() + 30.0  # a wait, not a timing check: the thread sets it first
+    while os.getpriority(os.PRIO_PROCESS, writer.native_id) != want:
+        assert time.monotonic() < deadline, "the writer never lowered its priority"
+        time.sleep(0.01)
+    # only that thread: the caller (the hot path) keeps its priority
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_nice
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="per-thread nice is Linux")
+def test_lower_thread_priority_is_per_thread_and_capped() -> None:
+    import threading
+
+    seen: dict[str, int | bool] = {}
+
+    def work() -> None:
+        tid = threading.get_native_id()
+        before = os.getpriority(os.PRIO_PROCESS, tid)
+        seen["ok"] = lower_thread_priority(5)
+        seen["delta"] = os.getpriority(os.PRIO_PROCESS, tid) - before
+        seen["again"] = lower_thread_priority(100)
+        seen["capped"] = os.getpriority(os.PRIO_PROCESS, tid)
+
+    main_before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    t = threading.Thread(target=work)
+    t.start()
+    t.join(30)
+    assert seen["ok"] is True
+    assert seen["delta"] == min(5, 19 - main_before)
+    assert seen["capped"] == 19
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
+    assert lower_thread_priority(0) is False
