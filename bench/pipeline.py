@@ -10,22 +10,32 @@ Prints one JSON object. Keys:
   the running appliance in triggered mode (frame grabbed -> verdict
   committed to SQLite and reported), one part at a time;
 - ``throughput_fps``: verdicts per second of the appliance in free-run with a
-  camera faster than the pipeline; ``throughput_vs_backend`` compares it with
-  1 / the bare backend's mean latency measured right before and after the
-  window (``backend_mean_ms_around_free_run``);
+  camera faster than the pipeline (``camera_fps``; ``free_run_drops`` > 0 in
+  every window shows it); ``throughput_vs_backend`` = ``throughput_fps`` x the
+  bare backend's mean latency measured in blocks interleaved with the free-run
+  windows (``backend_mean_ms_free_run``): ``--rounds`` times, the camera
+  pauses, the bare backend runs back to back for about a window's time, then
+  the camera resumes and, after a settling pause, verdicts are counted for a
+  window (``--seconds`` in all). Both sides run in the same process with the
+  same ORT settings (``--threads``, ``--spinning``), so a shared machine's load
+  hits both alike; ``throughput_vs_backend_p10``/``_p90`` are the spread of the
+  per-round ratios;
 - ``int8_vs_fp32_speedup``: mean latency of the fp32 graph / the int8 graph
   (same backend settings, calls interleaved);
 - ``ort_vs_torch_speedup``: the same model in PyTorch eager (fp32, batch 1,
   same thread count) / ONNX Runtime int8; null when the package's method
   cannot be rebuilt in PyTorch here;
-- ``rss_mb``: peak resident memory of the appliance process (which never
-  imports torch; ``torch_loaded`` says so).
+- ``rss_mb``: peak resident memory (``VmHWM``) of the process running the
+  appliance (which never imports torch; ``torch_loaded`` says so). An upper
+  bound: the bench's own bare sessions live in it too;
+- ``load_avg``: the machine's 1-minute load average at the start and the end
+  (2 cores shared with other work make every number noisier).
 
 The appliance runs in a child process so that its memory is its own; torch
 is only imported by this parent afterwards. Usage::
 
     python bench/pipeline.py                       # demo model (taught once, cached)
-    python bench/pipeline.py --package PKG --seconds 20 --threads 2
+    python bench/pipeline.py --package PKG --seconds 20 --threads 2 --spinning never
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,13 +81,19 @@ def _frames(n: int, size_px: int, seed: int = 3) -> list[np.ndarray[Any, Any]]:
 class _Bare:
     """One bare backend session on preprocessed frames, timed call by call."""
 
-    def __init__(self, pkg: Any, graph: str, threads: int, frames: list[Any]) -> None:
+    def __init__(
+        self, pkg: Any, graph: str, threads: int, frames: list[Any], spinning: str = "run"
+    ) -> None:
         from edge.backends import create_backend
         from edge.backends.config import OnnxRuntimeBackendConfig
         from edge.pipeline import graph_source
 
         self.backend = create_backend(
-            OnnxRuntimeBackendConfig(graph=graph, intra_op_threads=threads)  # type: ignore[arg-type]
+            OnnxRuntimeBackendConfig(
+                graph=graph,
+                intra_op_threads=threads,
+                spinning=spinning,
+            )
         )
         self.backend.load(graph_source(pkg, graph))
         self.xs = [pkg.preprocess(f) for f in frames]
@@ -92,6 +109,36 @@ class _Bare:
         self.backend.run(x)
         self.lat.append((time.perf_counter() - t) * 1000.0)
 
+    def run_for(self, seconds: float) -> list[float]:
+        """Back-to-back calls for about ``seconds`` (at least 3); their latencies."""
+        n0 = len(self.lat)
+        end = time.perf_counter() + seconds
+        while len(self.lat) - n0 < 3 or time.perf_counter() < end:
+            self.once()
+        return self.lat[n0:]
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; ru_maxrss where /proc is missing).
+
+    ``ru_maxrss`` is not used on Linux: it survives exec, so a child spawned
+    by a parent that had loaded torch would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _load_avg() -> float | None:
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return None
+
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
     """Runs in the child: bare backend, then the appliance (triggered, then free-run)."""
@@ -106,14 +153,14 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         size = max(pkg.input_spec.width, pkg.input_spec.height)
         frames = _frames(16, size_px=max(size, 64))
         graph = pkg.manifest.default_graph
-        bare = _Bare(pkg, graph, args.threads, frames)
+        bare = _Bare(pkg, graph, args.threads, frames, args.spinning)
         fp32 = (
-            _Bare(pkg, "fp32", args.threads, frames)
+            _Bare(pkg, "fp32", args.threads, frames, args.spinning)
             if "fp32" in pkg.graph_variants and graph != "fp32"
             else None
         )
         if fp32 is not None:
-            quant = _Bare(pkg, graph, args.threads, frames)
+            quant = _Bare(pkg, graph, args.threads, frames, args.spinning)
             for _ in range(max(30, args.runs // 3)):
                 fp32.once()
                 quant.once()
@@ -125,11 +172,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             speedup = fp32_mean = None
 
     class Replay(FrameSource):
+        """The bench's camera: replays the frames at ``interval_s``; ``running`` pauses it."""
+
         live = False
 
         def __init__(self, interval_s: float) -> None:
             self._i = 0
             self._interval_s = interval_s
+            self.running = threading.Event()
+            self.running.set()
 
         @property
         def interval_s(self) -> float:
@@ -139,20 +190,27 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             pass
 
         def read(self) -> Grab:
+            while not self.running.wait(0.5):
+                pass
             self._i += 1
             return Grab(frames[self._i % len(frames)])
 
         def close(self) -> None:
-            pass
+            self.running.set()
 
         def describe(self) -> str:
             return "bench replay"
 
     work = Path(tempfile.mkdtemp(prefix="lineinspect-bench-"))
+    load_start = _load_avg()
     base: dict[str, Any] = {
         "model": {"package": str(args.package), "verify_reference": True},
         "backend": {
-            "primary": {"type": "onnxruntime", "intra_op_threads": args.threads},
+            "primary": {
+                "type": "onnxruntime",
+                "intra_op_threads": args.threads,
+                "spinning": args.spinning,
+            },
             "deadline_ms": 5000,
         },
         "store": {
@@ -183,9 +241,11 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         totals.append(v.timings_ms["total"])
     app.stop()
     # -- free-run throughput with a camera faster than the pipeline ------------------------
+    # blocks interleaved round by round: [camera paused: bare backend back to back]
+    # [camera on: settle, count verdicts for a window], so both see the same load
     before = len(bare.lat)
-    for _ in range(max(30, args.runs // 3)):
-        bare.once()
+    warm_mean_s = float(np.mean(bare.run_for(1.0))) / 1000.0
+    camera = Replay(max(warm_mean_s / args.camera_factor, 0.001))
     cfg = LineInspectConfig.model_validate(
         {
             **base,
@@ -194,23 +254,47 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "store": {**base["store"], "path": str(work / "results2")},
         }
     )
-    app = Appliance(cfg, source=Replay(float(np.mean(bare.lat)) / 1000.0 / 2.0))
+    app = Appliance(cfg, source=camera)
     app.start()
+    assert app.capture is not None
     time.sleep(1.0)
-    s0, t0 = app.pipeline.stats(), time.perf_counter()
-    time.sleep(args.seconds)
-    s1, t1 = app.pipeline.stats(), time.perf_counter()
-    drops = app.capture.stats().drops if app.capture else 0
+    rounds = max(1, args.rounds)
+    window_s = args.seconds / rounds
+    settle_s = 0.25
+    bare_free: list[float] = []
+    counted = 0
+    counted_s = 0.0
+    ratios: list[float] = []
+    window_drops: list[int] = []
+    grabbed0 = app.capture.stats().grabbed
+    camera_s = 0.0
+    for _ in range(rounds):
+        camera.running.clear()
+        time.sleep(settle_s)  # the part in flight ends; ORT threads go idle
+        block = bare.run_for(window_s)
+        bare_free.extend(block)
+        camera.running.set()
+        on = time.perf_counter()
+        time.sleep(settle_s)
+        s0, d0, t0 = app.pipeline.stats(), app.capture.stats().drops, time.perf_counter()
+        time.sleep(window_s)
+        s1, d1, t1 = app.pipeline.stats(), app.capture.stats().drops, time.perf_counter()
+        camera.running.clear()
+        camera_s += t1 - on
+        n = (s1.ok + s1.ng + s1.error) - (s0.ok + s0.ng + s0.error)
+        counted += n
+        counted_s += t1 - t0
+        ratios.append(n / (t1 - t0) * float(np.mean(block)) / 1000.0)
+        window_drops.append(d1 - d0)
+    camera_fps = (app.capture.stats().grabbed - grabbed0) / camera_s
+    camera.running.set()
+    st = app.pipeline.stats()
     app.stop()
-    for _ in range(max(30, args.runs // 3)):
-        bare.once()
-    around = bare.lat[before:]  # the bare backend right before and after the free-run window
-    mean_ms = float(np.mean(around))
+    mean_ms = float(np.mean(bare_free))
     bare.backend.close()
     lat = bare.lat[:before]
-    done = (s1.ok + s1.ng + s1.error) - (s0.ok + s0.ng + s0.error)
-    fps = done / (t1 - t0)
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    fps = counted / counted_s
+    rss_mb = _peak_rss_mb()
     return {
         "package": str(args.package),
         "graph": graph,
@@ -218,19 +302,29 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "backend_p50_ms": _pct(lat, 50),
         "backend_p99_ms": _pct(lat, 99),
         "backend_mean_ms": float(np.mean(lat)),
-        "backend_mean_ms_around_free_run": mean_ms,
+        "backend_mean_ms_free_run": mean_ms,
         "pipeline_p50_ms": _pct(totals, 50),
         "pipeline_p99_ms": _pct(totals, 99),
         "trigger_to_verdict_p99_ms": _pct(walls, 99),
         "pipeline_vs_backend_p99": _pct(totals, 99) / _pct(lat, 99),
         "throughput_fps": fps,
         "throughput_vs_backend": fps * mean_ms / 1000.0,
-        "free_run_drops": drops,
+        "throughput_vs_backend_p10": _pct(ratios, 10),
+        "throughput_vs_backend_p90": _pct(ratios, 90),
+        "camera_fps": camera_fps,
+        "free_run_drops": sum(window_drops),
+        "free_run_windows_with_drops": f"{sum(d > 0 for d in window_drops)}/{rounds}",
+        "free_run_infer_ms_p50": st.infer_ms_p50,
+        "free_run_total_ms_p50": st.total_ms_p50,
+        "free_run_total_ms_p99": st.total_ms_p99,
         "fp32_mean_ms": fp32_mean,
         "int8_vs_fp32_speedup": speedup,
         "rss_mb": rss_mb,
         "torch_loaded": "torch" in sys.modules,
         "runs": args.runs,
+        "rounds": rounds,
+        "spinning": args.spinning,
+        "load_avg": [load_start, _load_avg()],
     }
 
 
@@ -311,6 +405,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=300, help="timed inferences per measurement")
     p.add_argument("--seconds", type=float, default=15.0, help="free-run measurement time")
     p.add_argument(
+        "--rounds",
+        type=int,
+        default=15,
+        help="free-run windows, each after a bare backend block of the same length",
+    )
+    p.add_argument(
+        "--camera-factor",
+        type=float,
+        default=3.0,
+        help="free-run camera rate as a multiple of 1 / the bare backend's mean",
+    )
+    p.add_argument(
+        "--spinning",
+        choices=["run", "always", "never"],
+        default="run",
+        help="ORT intra-op thread spinning (backend config 'spinning'), both sides",
+    )
+    p.add_argument(
         "--cache",
         type=Path,
         default=Path("~/.cache/lineinspect").expanduser(),
@@ -345,6 +457,12 @@ def main(argv: list[str] | None = None) -> int:
         str(args.runs),
         "--seconds",
         str(args.seconds),
+        "--rounds",
+        str(args.rounds),
+        "--camera-factor",
+        str(args.camera_factor),
+        "--spinning",
+        args.spinning,
         *(["--images"] if args.images else []),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
