@@ -11,6 +11,7 @@ problem is reported against the field it belongs to.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
+
+from edge.web.translate import schema_catalog as translation_catalog
+from edge.web.translate import translate, validation_message
 
 FieldKind = Literal["bool", "int", "float", "str", "enum", "json"]
 
@@ -42,6 +46,11 @@ class FormField:
     """Nesting level below the section (for indentation)."""
     group: str = ""
     """Title of the sub-section this field sits in ("" at section level)."""
+    group_key: str = ""
+    """Key path of that sub-section (``camera.reconnect``, ``camera.source``, or
+    ``camera.source@synthetic`` for one alternative of a union); "" at section level."""
+    group_description: str = ""
+    """Description of that sub-section."""
     variant_of: str = ""
     """For a field of one alternative of a tagged union: the union's path (``camera.source``)."""
     variant: str = ""
@@ -50,6 +59,23 @@ class FormField:
     """The schema's default (shown for alternatives not currently selected)."""
     union_tag: bool = False
     """True for the selector of a tagged union (``camera.source.type``)."""
+    option_labels: tuple[str, ...] = ()
+    """Text shown for each of ``options`` (same order); empty shows the values themselves."""
+
+    @property
+    def text_key(self) -> str:
+        """Key of this field's title and description in a translation catalogue.
+
+        The field's path; for the selector of a tagged union, the union's path
+        (``camera.source``), whose title and description the selector shows.
+        """
+        return self.path.rsplit(".", 1)[0] if self.union_tag else self.path
+
+    @property
+    def labelled_options(self) -> tuple[tuple[str, str], ...]:
+        """(value, text shown) of each option."""
+        labels = self.option_labels if len(self.option_labels) == len(self.options) else ()
+        return tuple(zip(self.options, labels or self.options, strict=True))
 
     @property
     def section(self) -> str:
@@ -120,13 +146,22 @@ def _split_nullable(node: Mapping[str, Any]) -> tuple[Mapping[str, Any] | None, 
     return None, nullable
 
 
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """The sub-section fields are walked in: title, key path, description."""
+
+    title: str = ""
+    key: str = ""
+    description: str = ""
+
+
 def _leaf(  # noqa: PLR0917
     path: str,
     node: Mapping[str, Any],
     inner: Mapping[str, Any] | None,
     nullable: bool,
     depth: int,
-    group: str,
+    group: _Group,
 ) -> FormField:
     title = str(node.get("title") or path.rsplit(".", 1)[-1])
     desc = str(node.get("description") or "")
@@ -137,7 +172,9 @@ def _leaf(  # noqa: PLR0917
         "description": desc,
         "nullable": nullable,
         "depth": depth,
-        "group": group,
+        "group": group.title,
+        "group_key": group.key,
+        "group_description": group.description,
     }
     if inner is None:
         return FormField(kind="json", **common)
@@ -169,7 +206,7 @@ def _walk(  # noqa: PLR0917
     obj: Mapping[str, Any],
     prefix: str,
     depth: int,
-    group: str,
+    group: _Group,
     out: list[FormField],
 ) -> None:
     for name, raw in obj.get("properties", {}).items():
@@ -186,7 +223,9 @@ def _walk(  # noqa: PLR0917
             and inner.get("type") == "object"
             and "properties" in inner
         ):
-            sub_group = str(node.get("title") or name)
+            sub_group = _Group(
+                str(node.get("title") or name), path, str(node.get("description") or "")
+            )
             _walk(schema, inner, path, depth + 1, sub_group, out)
             continue
         out.append(_leaf(path, node, inner, nullable, depth, group))
@@ -216,20 +255,23 @@ def _walk_union(
             return False
         variants.append((tag, sub))
     title = str(node.get("title") or path.rsplit(".", 1)[-1])
+    description = str(node.get("description") or "")
     out.append(
         FormField(
             path=f"{path}.{tag_key}",
             title=title,
-            description=str(node.get("description") or ""),
+            description=description,
             kind="enum",
             options=tuple(t for t, _ in variants),
             depth=depth,
             group=title,
+            group_key=path,
+            group_description=description,
             union_tag=True,
         )
     )
     for tag, sub in variants:
-        group = f"{title}: {tag}"
+        group = _Group(f"{title}: {tag}", f"{path}@{tag}", str(sub.get("description") or ""))
         start = len(out)
         trimmed = {
             **sub,
@@ -252,9 +294,9 @@ def build_form(schema: Mapping[str, Any]) -> tuple[FormSection, ...]:
         fields: list[FormField] = []
         inner, nullable = _split_nullable(node)
         if inner is not None and not nullable and "properties" in _resolve(schema, inner):
-            _walk(schema, _resolve(schema, inner), key, 0, "", fields)
+            _walk(schema, _resolve(schema, inner), key, 0, _Group(), fields)
         else:
-            fields.append(_leaf(key, node, inner, nullable, 0, ""))
+            fields.append(_leaf(key, node, inner, nullable, 0, _Group()))
         sections.append(
             FormSection(
                 key,
@@ -264,6 +306,195 @@ def build_form(schema: Mapping[str, Any]) -> tuple[FormSection, ...]:
             )
         )
     return tuple(sections)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceText:
+    """The schema's own (English) text of one entry of a translation catalogue."""
+
+    title: str
+    description: str
+    options: tuple[str, ...] = ()
+    """Values of an enum field; a translation gives a label for each."""
+
+    @property
+    def digest(self) -> str:
+        """Short hash of the title and description: a translation records the one it
+        was made from, so a changed English text shows up as a stale translation."""
+        text = f"{self.title}\n{self.description}".encode()
+        return hashlib.sha256(text).hexdigest()[:10]
+
+
+def variant_tag(group_key: str) -> str | None:
+    """The tag when ``group_key`` names one alternative of a union (``camera.source@device``)."""
+    last = group_key.rsplit(".", 1)[-1]
+    return last.split("@", 1)[1] if "@" in last else None
+
+
+def source_texts(sections: tuple[FormSection, ...]) -> dict[str, SourceText]:
+    """Every entry a complete translation of the form needs, keyed by dotted key path.
+
+    Sections (``camera``), sub-sections (``camera.reconnect``), tagged unions
+    (``camera.source``, title of the union's selector), each alternative of a union
+    (``camera.source@device``: its label in the selector and its description), and
+    fields (``camera.source@device.fps``), with the option values of enum fields.
+    """
+    out: dict[str, SourceText] = {}
+    variants: list[str] = []
+    for sec in sections:
+        out.setdefault(sec.key, SourceText(sec.title, sec.description))
+        for f in sec.fields:
+            if f.group_key and f.group_key not in out:
+                tag = variant_tag(f.group_key)
+                out[f.group_key] = SourceText(tag or f.group, f.group_description)
+            if f.union_tag:
+                union = f.text_key
+                out.setdefault(union, SourceText(f.title, f.description))
+                variants.extend(f"{union}@{tag}" for tag in f.options)
+                continue
+            opts = f.options if f.kind == "enum" else ()
+            out.setdefault(f.path, SourceText(f.title, f.description, opts))
+    for key in variants:  # alternatives without fields of their own
+        out.setdefault(key, SourceText(key.rsplit("@", 1)[1], ""))
+    return out
+
+
+@dataclass
+class CatalogCheck:
+    """How a translation catalogue compares with the schema's entries."""
+
+    missing: list[str] = field(default_factory=list)
+    """Entries of the schema the catalogue lacks (a new section, field, alternative)."""
+    unknown: list[str] = field(default_factory=list)
+    """Catalogue keys that no longer exist in the schema."""
+    stale: list[str] = field(default_factory=list)
+    """Entries whose English title or description changed since they were translated."""
+    problems: list[str] = field(default_factory=list)
+    """Malformed entries: no title, a description missing or extra, options that differ."""
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unknown or self.stale or self.problems)
+
+    def report(self, name: str = "the catalogue") -> str:
+        """Human-readable list of every gap ("" when there is none)."""
+        lines = []
+        for what, keys in (
+            (f"missing from {name}", self.missing),
+            (f"in {name} but no longer in the schema", self.unknown),
+            ("English text changed since translated (update the text, then src)", self.stale),
+        ):
+            if keys:
+                lines.append(f"{what} ({len(keys)}): " + ", ".join(keys))
+        lines.extend(self.problems)
+        if lines:
+            lines.append("list them with: python -m edge.web.translate [--stub]")
+        return "\n".join(lines)
+
+
+def check_catalog(sources: Mapping[str, SourceText], catalog: Mapping[str, Any]) -> CatalogCheck:
+    """Compare a translation catalogue (``i18n/<lang>.schema.json``) with the schema."""
+    check = CatalogCheck(
+        missing=[k for k in sources if k not in catalog],
+        unknown=[k for k in catalog if k not in sources],
+    )
+    for key, src in sources.items():
+        entry = catalog.get(key)
+        if entry is None:
+            continue
+        if not isinstance(entry, Mapping):
+            check.problems.append(f"{key}: not an object")
+            continue
+        if not isinstance(entry.get("title"), str) or not entry["title"].strip():
+            check.problems.append(f"{key}: no title")
+        desc = entry.get("description", "")
+        if not isinstance(desc, str) or bool(desc.strip()) != bool(src.description.strip()):
+            check.problems.append(
+                f"{key}: description "
+                + ("missing" if src.description.strip() else "given, the schema has none")
+            )
+        opts = entry.get("options")
+        if src.options:
+            if not isinstance(opts, Mapping) or set(opts) != set(src.options):
+                got = sorted(opts) if isinstance(opts, Mapping) else None
+                check.problems.append(
+                    f"{key}: options must label exactly {list(src.options)}, got {got}"
+                )
+            elif not all(isinstance(v, str) and v.strip() for v in opts.values()):
+                check.problems.append(f"{key}: an option label is empty")
+        elif opts is not None:
+            check.problems.append(f"{key}: options given, the field has none")
+        if entry.get("src") != src.digest:
+            check.stale.append(key)
+    return check
+
+
+def _option_text(lang: str, label: str | None, value: str) -> str:
+    if not label or label == value:
+        return value
+    return translate(lang, "settings.option", label=label, value=value)
+
+
+def localize(sections: tuple[FormSection, ...], lang: str) -> tuple[FormSection, ...]:
+    """The form's texts in ``lang`` (from ``i18n/<lang>.schema.json``).
+
+    Titles, descriptions, sub-section headings and option labels are replaced
+    where the catalogue has them; anything it lacks stays in English (the
+    drift test keeps the shipped catalogue complete). Paths, values and
+    everything the form submits are unchanged.
+    """
+    cat = translation_catalog(lang)
+    if not cat:
+        return sections
+
+    def text(key: str, what: str) -> str | None:
+        entry = cat.get(key)
+        value = entry.get(what) if isinstance(entry, Mapping) else None
+        return value if isinstance(value, str) and value.strip() else None
+
+    def options(key: str) -> Mapping[str, Any]:
+        entry = cat.get(key)
+        opts = entry.get("options") if isinstance(entry, Mapping) else None
+        return opts if isinstance(opts, Mapping) else {}
+
+    out = []
+    for sec in sections:
+        fields = []
+        for f in sec.fields:
+            key = f.text_key
+            if f.union_tag:
+                labels = tuple(
+                    _option_text(lang, text(f"{key}@{o}", "title"), o) for o in f.options
+                )
+            else:
+                opts = options(key)
+                labels = tuple(_option_text(lang, opts.get(o), o) for o in f.options)
+            group = text(f.group_key, "title") if f.group_key else None
+            tag = variant_tag(f.group_key)
+            if tag is not None and group is not None:
+                union = text(f.group_key.rsplit("@", 1)[0], "title")
+                group = translate(lang, "settings.variant_group", union=union, variant=group)
+                group = group if union else None
+            fields.append(
+                dataclasses.replace(
+                    f,
+                    title=text(key, "title") or f.title,
+                    description=text(key, "description") or f.description,
+                    option_labels=labels if f.options else (),
+                    group=group or f.group,
+                    group_description=(text(f.group_key, "description") if f.group_key else None)
+                    or f.group_description,
+                )
+            )
+        out.append(
+            FormSection(
+                sec.key,
+                text(sec.key, "title") or sec.title,
+                text(sec.key, "description") or sec.description,
+                tuple(fields),
+            )
+        )
+    return tuple(out)
 
 
 def get_path(data: Mapping[str, Any], path: str) -> Any:
@@ -298,6 +529,15 @@ def display_value(f: FormField, value: Any) -> str:
     return str(value)
 
 
+class _InputError(ValueError):
+    """A value the form cannot even turn into its type: a message key and its values."""
+
+    def __init__(self, key: str, **values: object) -> None:
+        super().__init__(key)
+        self.key = key
+        self.values = values
+
+
 def _convert(f: FormField, text: str | None) -> Any:
     if f.kind == "bool":
         return text is not None and text not in {"", "false", "0", "off"}
@@ -305,25 +545,25 @@ def _convert(f: FormField, text: str | None) -> Any:
     if text == "" and (f.nullable or f.kind == "json"):
         if f.nullable:
             return None
-        raise ValueError("a value is required")
+        raise _InputError("form.required")
     if f.kind == "int":
         try:
             return int(text)
         except ValueError:
-            raise ValueError("enter a whole number") from None
+            raise _InputError("form.whole_number") from None
     if f.kind == "float":
         try:
             num = float(text)
         except ValueError:
-            raise ValueError("enter a number") from None
+            raise _InputError("form.number") from None
         if not math.isfinite(num):
-            raise ValueError("enter a finite number")
+            raise _InputError("form.finite")
         return num
     if f.kind == "json":
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"invalid JSON: {exc.msg} (line {exc.lineno})") from None
+            raise _InputError("form.json", msg=exc.msg, line=exc.lineno) from None
     return text
 
 
@@ -333,12 +573,14 @@ def parse_form(
     current: Mapping[str, Any],
     model: type[BaseModel],
     editable: set[str],
+    *,
+    lang: str = "en",
 ) -> FormResult:
     """Turn a submitted form into a validated config.
 
     ``current`` is the config in force (``model_dump(mode="json")``); fields
     whose section is not in ``editable`` keep their current value whatever was
-    submitted.
+    submitted. Problems are worded in ``lang``.
     """
     data: dict[str, Any] = json.loads(json.dumps(current))
     result = FormResult()
@@ -364,8 +606,8 @@ def parse_form(
                 result.raw[f.path] = text
             try:
                 set_path(data, f.model_path, _convert(f, text))
-            except ValueError as exc:
-                result.errors[f.path] = str(exc)
+            except _InputError as exc:
+                result.errors[f.path] = translate(lang, exc.key, **exc.values)
     if result.errors:
         return result
     try:
@@ -374,7 +616,7 @@ def parse_form(
         for err in exc.errors():
             loc = [str(p) for p in err["loc"]]
             err_path, key = _owner(owners, loc)
-            msg = err["msg"]
+            msg = validation_message(lang, err)
             rest = loc[len(err_path.split(".")) :] if err_path else loc
             if rest:
                 msg = f"{'.'.join(rest)}: {msg}"

@@ -61,6 +61,7 @@ from edge.web.schemaform import (
     display_value,
     flatten,
     get_path,
+    localize,
     parse_form,
 )
 from edge.web.system import SystemInfo, read_system
@@ -970,7 +971,7 @@ def create_app(
             "settings.html",
             sess,
             status_code=status_code,
-            sections=state.sections(),
+            sections=localize(state.sections(), lang_of(request)),
             values=current_cfg,
             editable=editable_sections(sess),
             **ctx,
@@ -991,7 +992,14 @@ def create_app(
     ) -> ApplyOut | dict[str, str]:
         old_cfg = backend.config()
         old = old_cfg.model_dump(mode="json")
-        parsed = parse_form(state.sections(), fields, old, type(old_cfg), editable_sections(sess))
+        parsed = parse_form(
+            state.sections(),
+            fields,
+            old,
+            type(old_cfg),
+            editable_sections(sess),
+            lang=lang_of(request),
+        )
         if parsed.errors or parsed.model is None:
             return parsed.errors
         return apply_model(sess, request, old, parsed.model)
