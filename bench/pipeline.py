@@ -14,12 +14,14 @@ Prints one JSON object. Keys:
   every window shows it); ``throughput_vs_backend`` = ``throughput_fps`` x the
   bare backend's mean latency measured in blocks interleaved with the free-run
   windows (``backend_mean_ms_free_run``): ``--rounds`` times, the camera
-  pauses, the bare backend runs back to back for about a window's time, then
+  pauses, the bare backend runs call after call (1 ms apart, untimed, as the
+  pipeline's backend thread) for about a window's time, then
   the camera resumes and, after a settling pause, verdicts are counted for a
   window (``--seconds`` in all). Both sides run in the same process with the
   same ORT settings (``--threads``, ``--spinning``), so a shared machine's load
-  hits both alike; ``throughput_vs_backend_p10``/``_p90`` are the spread of the
-  per-round ratios;
+  hits both alike; ``throughput_vs_backend_median``/``_p10``/``_p90`` are the
+  spread of the per-round ratios; ``free_run_stage_ms_mean`` is where a part's
+  time goes (``Verdict.timings_ms``, means over the free-run parts);
 - ``int8_vs_fp32_speedup``: mean latency of the fp32 graph / the int8 graph
   (same backend settings, calls interleaved);
 - ``ort_vs_torch_speedup``: the same model in PyTorch eager (fp32, batch 1,
@@ -110,10 +112,17 @@ class _Bare:
         self.lat.append((time.perf_counter() - t) * 1000.0)
 
     def run_for(self, seconds: float) -> list[float]:
-        """Back-to-back calls for about ``seconds`` (at least 3); their latencies."""
+        """Calls for about ``seconds`` (at least 3); their latencies.
+
+        A 1 ms pause (untimed) between calls, as the pipeline's backend thread
+        waits for its next part between calls: on a busy machine the Linux
+        scheduler favours a thread that has just slept, and a bare loop that
+        never sleeps would be slower than the same calls in the pipeline.
+        """
         n0 = len(self.lat)
         end = time.perf_counter() + seconds
         while len(self.lat) - n0 < 3 or time.perf_counter() < end:
+            time.sleep(0.001)
             self.once()
         return self.lat[n0:]
 
@@ -289,6 +298,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     camera_fps = (app.capture.stats().grabbed - grabbed0) / camera_s
     camera.running.set()
     st = app.pipeline.stats()
+    rows = [r for r in app.store.verdicts_after(0, 10**7) if r.code.name != "ERROR"]
+    stages = {
+        k: float(np.mean([r.timings_ms[k] for r in rows if k in r.timings_ms]))
+        for k in ("preprocess", "infer", "decide", "pipeline", "total")
+        if any(k in r.timings_ms for r in rows)
+    }
+    errors = st.error
     app.stop()
     mean_ms = float(np.mean(bare_free))
     bare.backend.close()
@@ -309,11 +325,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "pipeline_vs_backend_p99": _pct(totals, 99) / _pct(lat, 99),
         "throughput_fps": fps,
         "throughput_vs_backend": fps * mean_ms / 1000.0,
+        "throughput_vs_backend_median": _pct(ratios, 50),
         "throughput_vs_backend_p10": _pct(ratios, 10),
         "throughput_vs_backend_p90": _pct(ratios, 90),
         "camera_fps": camera_fps,
         "free_run_drops": sum(window_drops),
         "free_run_windows_with_drops": f"{sum(d > 0 for d in window_drops)}/{rounds}",
+        "free_run_ms_per_part": 1000.0 / fps,
+        "free_run_stage_ms_mean": stages,
+        "free_run_errors": errors,
         "free_run_infer_ms_p50": st.infer_ms_p50,
         "free_run_total_ms_p50": st.total_ms_p50,
         "free_run_total_ms_p99": st.total_ms_p99,

@@ -373,7 +373,9 @@ class Pipeline:
             return part
         try:
             x = state.package.preprocess(frame.image)
-        except (ValueError, cv2.error) as exc:
+        except Exception as exc:  # any unusable image: an ERROR verdict, never a lost part
+            if not isinstance(exc, ValueError | cv2.error):
+                log.warning("preprocessing failed on frame %d", frame.sequence, exc_info=True)
             part.error = f"bad frame: {exc}"
             part.collected = True
             return part

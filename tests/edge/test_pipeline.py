@@ -480,6 +480,35 @@ def test_overlapped_free_run_failing_backend_errors_every_part_in_order(
     runner.stop()
 
 
+def test_unusable_image_in_free_run_is_an_error_verdict_and_the_loop_goes_on(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus
+) -> None:
+    state = load_model(toy_package, BackendSection(), PipelineConfig(), events)
+    p = Pipeline(store, events)
+    p.set_model(state)
+    p.start()
+    broken = Frame(
+        image=None,  # type: ignore[arg-type]  # not even an array: preprocessing raises
+        capture_time=time.monotonic(),
+        sequence=1,
+        source_id="cam0",
+    )
+    frames = [_frame(0), broken, _frame(2)]
+
+    def next_frame(timeout_s: float) -> Frame | None:
+        return frames.pop(0) if frames else None
+
+    assert p.run_overlapped(next_frame, lambda: not frames) == 3
+    rows = store.verdicts_after(0, 10)
+    assert [(r.frame_sequence, r.code) for r in rows] == [
+        (0, VerdictCode.OK),
+        (1, VerdictCode.ERROR),
+        (2, VerdictCode.OK),
+    ]
+    assert "bad frame" in rows[1].error
+    state.runner.stop()
+
+
 def test_stopped_pipeline_still_finishes_the_part_in_flight(
     toy_package: ModelPackage, store: ResultStore, events: EventBus
 ) -> None:
