@@ -11,6 +11,8 @@ Acquisition modes:
 - ``free_run``: an inspection thread takes the latest frame
   (:meth:`edge.capture.loop.CaptureLoop.latest`) and inspects it; frames
   replaced before being taken are counted as drops by the capture loop.
+  Parts overlap (:meth:`edge.pipeline.Pipeline.run_overlapped`): part N is
+  decided, committed and reported while the backend runs part N+1.
 - ``triggered``: each PLC trigger (or :meth:`Appliance.trigger`) takes
   exactly one frame for its part id and inspects it; a trigger without a
   frame gets an ERROR verdict with the capture error as reason.
@@ -45,7 +47,7 @@ from edge.pipeline import (
     decision_settings,
     load_model,
 )
-from edge.store import ResultStore, StoredVerdict, lower_thread_priority
+from edge.store import ResultStore, StoredVerdict
 from edge.types import Frame, Severity, StatusEvent, Verdict, VerdictCode, VerdictSink
 from edge.watchdog import SystemdNotifier
 from edge.web.backend import (
@@ -113,11 +115,7 @@ class _Panel:
         self._server = uvicorn.Server(
             uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", access_log=False)
         )
-        self._thread = threading.Thread(target=self._serve, name="panel", daemon=True)
-
-    def _serve(self) -> None:
-        lower_thread_priority()  # the panel (and its worker threads) yield to the hot path
-        self._server.run()
+        self._thread = threading.Thread(target=self._server.run, name="panel", daemon=True)
 
     def start(self) -> None:
         self._thread.start()

@@ -103,16 +103,17 @@ _COLUMNS = (
 )
 
 
-BACKGROUND_NICE = 10
-"""How much lower than the hot path the image writer (and the panel) run (Linux nice)."""
+BACKGROUND_NICE = 5
+"""How much lower than the hot path the image writer runs (Linux nice steps; about a
+third of the CPU weight of a normal thread when the cores are contended)."""
 
 
 def lower_thread_priority(delta: int = BACKGROUND_NICE) -> bool:
     """Lower the calling thread's CPU priority by ``delta`` nice steps (Linux; best effort).
 
     On Linux the nice value is per thread (and inherited by threads it starts),
-    so background work (encoding and writing images, drawing overlays, the
-    panel) yields the two cores to capture, inference and the verdict commit.
+    so background work (encoding and writing images, drawing overlays) yields
+    the two cores to capture, inference and the verdict commit.
     Returns False where it cannot be done (other systems, a sandbox).
     """
     if not hasattr(os, "setpriority") or delta <= 0:
