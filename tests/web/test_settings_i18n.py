@@ -31,8 +31,14 @@ from edge.web.schemaform import (
     localize,
     source_texts,
 )
+from edge.web.translate import (
+    LANGUAGES,
+    schema_catalog,
+    schema_catalog_path,
+    validation_catalog,
+    validation_message,
+)
 from edge.web.translate import main as translate_main
-from edge.web.translate import schema_catalog, validation_catalog, validation_message
 
 CJK = re.compile(r"[\u4e00-\u9fff]")
 LITERAL = re.compile(
@@ -57,11 +63,14 @@ def live_sources() -> dict[str, SourceText]:
     return source_texts(build_form(LineInspectConfig.model_json_schema()))
 
 
-def test_zh_catalogue_covers_the_live_schema() -> None:
-    """Fails when a config field/section/alternative has no zh_CN entry, when the file
-    holds a key that no longer exists, or when the English text changed since."""
-    check = check_catalog(live_sources(), schema_catalog("zh_CN"))
-    assert check.ok, "\n" + check.report("edge/web/i18n/zh_CN.schema.json")
+@pytest.mark.parametrize("lang", [code for code in LANGUAGES if code != "en"])
+def test_catalogue_covers_the_live_schema(lang: str) -> None:
+    """Fails when a config field/section/alternative has no entry in the language's
+    catalogue, when the file holds a key that no longer exists, or when the English
+    text changed since it was translated."""
+    assert schema_catalog_path(lang).is_file()
+    check = check_catalog(live_sources(), schema_catalog(lang))
+    assert check.ok, "\n" + check.report(f"edge/web/i18n/{lang}.schema.json")
 
 
 def test_catalogue_check_flags_new_removed_and_changed_texts() -> None:
