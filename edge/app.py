@@ -184,6 +184,8 @@ class Appliance:
         self._started_unix = 0.0
         self.uplink_in_process = uplink_in_process
         self._model_path: Path | None = None
+        self._slot_followed: Path | None = None
+        """The active slot last seen by _follow_slots: only a move of it is followed."""
         self._next_slot_check = 0.0
         self.running = False
 
@@ -201,7 +203,7 @@ class Appliance:
                 self.store.db_path,
                 self.store.next_id,
             )
-            self._model_path = self._package_path()
+            self._model_path = self._slot_followed = self._package_path()
             state = self._load(self._model_path)
             self.pipeline.set_model(state)
             self._started(
@@ -609,8 +611,9 @@ class Appliance:
         except Exception as exc:
             log.warning("cannot read the model slots: %s", exc)
             return
-        if active is None or active == self._model_path:
-            return
+        if active is None or active in (self._model_path, self._slot_followed):
+            return  # a direct swap_model (not through the slots) is not undone
+        self._slot_followed = active
         log.info("model slots: active package changed to %s; swapping", active)
         try:
             self.swap_model(active)

@@ -157,6 +157,8 @@ def test_model_swap_and_refused_package(
     app.swap_model(toy_rgb_package_dir)
     assert app.trigger(2).model_name == "toy-rgb"
     assert any(e.kind == "model.swapped" for e in seen)
+    app._follow_slots()  # the supervisor's slot check must not undo a direct swap
+    assert app.trigger(2).model_name == "toy-rgb"
     with pytest.raises(ApplianceError, match="not_found"):
         app.swap_model(tmp_path / "nope")
     assert app.trigger(3).model_name == "toy-rgb"
