@@ -6,7 +6,7 @@ opens Settings at 1280x800: the section tabs, legends, field titles, group
 headings and option labels are Chinese, switching the camera source shows
 the alternative's Chinese fields, the page does not overflow sideways with
 CJK text, and a bad value comes back with a Chinese message next to its
-field. Screenshots go to artifacts/screenshots/.
+field; at phone width the form still fits. Screenshots go to artifacts/screenshots/.
 """
 
 from __future__ import annotations
@@ -142,3 +142,11 @@ def test_settings_in_chinese(served_zh: str, tmp_path: Path) -> None:
         assert err.startswith("必须小于或等于 1")
         page.evaluate("window.scrollTo(0, document.getElementById('sec-plc').offsetTop - 60)")
         shot(page, "21-settings-zh-error")
+
+        # the phone layout holds the Chinese form too
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.goto(base + "/settings")
+        page.wait_for_selector("#sec-camera")
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        page.evaluate("window.scrollTo(0, document.getElementById('sec-camera').offsetTop - 60)")
+        shot(page, "22-settings-zh-phone")
