@@ -10,7 +10,14 @@ a small edge backbone and to a single exportable graph:
 4. per patch, the Euclidean distance to its nearest bank entry;
 5. the patch-distance map is smoothed with a Gaussian (as two constant matrix products, so
    it stays in float when the graph is quantized) and the image score is the mean of its
-   ``top_k`` highest cells; the anomaly map is the smoothed map resized to the input.
+   ``top_k`` highest cells; the anomaly map is the smoothed map resized to the input;
+6. optionally (``global_stages``), an image-level branch: the tapped stage maps are averaged
+   over the whole image, and the Mahalanobis distance of that vector to a Gaussian fitted on
+   the good images (Ledoit-Wolf shrinkage covariance; Rippel et al., "Modeling the
+   Distribution of Normal Data in Pre-Trained Deep Features for Anomaly Detection", ICPR
+   2020) is added to the patch score, scaled so that both terms have the same held-out-good
+   median (see :class:`GlobalGaussian`). It catches global defects (uneven texture, fray)
+   that no single patch shows.
 
 Both outputs are divided by ``raw_scale`` (see :mod:`models.threshold`) inside the graph.
 
@@ -43,6 +50,10 @@ class PatchCoreConfig:
     grid_stride: int = 16
     blur_sigma_cells: float = 1.0
     top_k: int = 1
+    #: Stages pooled over the whole image for the Gaussian branch; () = no such branch.
+    global_stages: tuple[int, ...] = ()
+    #: Weight of the Gaussian term relative to the patch term (after median matching).
+    global_weight: float = 1.0
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -68,7 +79,8 @@ class PatchFeatures(nn.Module):
     def __init__(self, cfg: PatchCoreConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.trunk = LiteTrunk(cfg.backbone, cfg.input_hw, cfg.stages)
+        self.taps = tuple(sorted(set(cfg.stages) | set(cfg.global_stages)))
+        self.trunk = LiteTrunk(cfg.backbone, cfg.input_hw, self.taps)
         if cfg.in_channels == 1:
             # Gray input replicated to RGB equals a stem convolution with summed input weights.
             conv = self.trunk.stem[0]
@@ -78,15 +90,27 @@ class PatchFeatures(nn.Module):
             conv.in_channels = 1
         elif cfg.in_channels != 3:
             raise ValueError(f"in_channels must be 1 or 3, got {cfg.in_channels}")
-        self.dim = sum(self.trunk.channels)
+        chans = dict(zip(self.taps, self.trunk.channels, strict=True))
+        self.dim = sum(chans[s] for s in sorted(set(cfg.stages)))
+        self.global_dim = sum(chans[s] for s in sorted(set(cfg.global_stages)))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Aggregated patch features on the patch grid."""
+        return self.forward_all(image)[0]
+
+    def forward_all(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch features [N, D, gh, gw] and the image-pooled features [N, Dg] (or None)."""
         k = self.cfg.neighbourhood
         grid = self.cfg.grid_hw
+        taps = dict(zip(self.taps, self.trunk(image), strict=True))
+        pooled = None
+        if self.cfg.global_stages:
+            pooled = torch.cat(
+                [taps[s].mean(dim=(2, 3)) for s in sorted(set(self.cfg.global_stages))], dim=1
+            )
         maps = []
-        for tap in self.trunk(image):
-            f = tap
+        for s in sorted(set(self.cfg.stages)):
+            f = taps[s]
             if k > 1:
                 f = F.avg_pool2d(f, k, stride=1, padding=k // 2, count_include_pad=False)
             if tuple(f.shape[-2:]) != grid:
@@ -96,7 +120,43 @@ class PatchFeatures(nn.Module):
                 else:
                     f = F.interpolate(f, size=grid, mode="bilinear", align_corners=False)
             maps.append(f)
-        return torch.cat(maps, dim=1)
+        return torch.cat(maps, dim=1), pooled
+
+
+@dataclass(frozen=True)
+class GlobalGaussian:
+    """The fitted image-level Gaussian: Mahalanobis distance ``|(x - mean) @ whiten|``.
+
+    ``whiten`` is the Cholesky factor L of the precision matrix (``P = L L^T``), so the
+    distance is one matrix product and a norm in the graph. ``gain`` converts the distance
+    to patch-distance units (held-out-good median of the patch score over that of the
+    distance) and includes the branch weight.
+    """
+
+    mean: torch.Tensor
+    whiten: torch.Tensor
+    gain: float
+
+    @staticmethod
+    def fit(pooled: torch.Tensor) -> GlobalGaussian:
+        """Fit mean and Ledoit-Wolf shrinkage covariance on pooled good features [N, D]."""
+        from sklearn.covariance import LedoitWolf
+
+        x = pooled.double().numpy()
+        lw = LedoitWolf().fit(x)
+        prec = np.linalg.inv(lw.covariance_)
+        prec = (prec + prec.T) / 2.0
+        chol = np.linalg.cholesky(prec)
+        return GlobalGaussian(
+            mean=torch.from_numpy(lw.location_).float(),
+            whiten=torch.from_numpy(chol).float(),
+            gain=1.0,
+        )
+
+    def distance(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance [N] of pooled features [N, D] (unscaled by ``gain``)."""
+        z = torch.matmul(pooled - self.mean, self.whiten)
+        return torch.sqrt((z * z).sum(dim=1))
 
 
 class PatchCoreGraph(nn.Module):
@@ -107,10 +167,22 @@ class PatchCoreGraph(nn.Module):
     blur_rows: torch.Tensor
     blur_cols_t: torch.Tensor
     inv_scale: torch.Tensor
+    g_mean: torch.Tensor
+    g_whiten: torch.Tensor
+    g_gain: torch.Tensor
+    map_gain: torch.Tensor
 
-    def __init__(self, features: PatchFeatures, bank: torch.Tensor, raw_scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        features: PatchFeatures,
+        bank: torch.Tensor,
+        raw_scale: float = 1.0,
+        gaussian: GlobalGaussian | None = None,
+    ) -> None:
         super().__init__()
         cfg = features.cfg
+        if bool(cfg.global_stages) != (gaussian is not None):
+            raise ValueError("a Gaussian is needed exactly when cfg.global_stages is set")
         self.cfg = cfg
         self.features = features
         self.register_buffer("bank_t", bank.t().contiguous().float())
@@ -121,6 +193,22 @@ class PatchCoreGraph(nn.Module):
             "blur_cols_t", _gauss_matrix(gw, cfg.blur_sigma_cells).t().contiguous()
         )
         self.register_buffer("inv_scale", torch.tensor(1.0 / raw_scale, dtype=torch.float32))
+        self.has_global = gaussian is not None
+        if gaussian is not None:
+            self.set_gaussian(gaussian)
+
+    def set_gaussian(self, gaussian: GlobalGaussian) -> None:
+        """Install (or replace) the fitted image-level Gaussian and its gain."""
+        if not self.has_global:
+            raise ValueError("this graph has no global branch (cfg.global_stages is empty)")
+        self.register_buffer("g_mean", gaussian.mean.float().clone())
+        self.register_buffer("g_whiten", gaussian.whiten.float().clone())
+        self.register_buffer("g_gain", torch.tensor(gaussian.gain, dtype=torch.float32))
+        # The map shows the patch term only; scaled by (1 + weight) so that a patch at the
+        # patch term's own threshold reads about 1.0 like the image score does.
+        self.register_buffer(
+            "map_gain", torch.tensor(1.0 + self.cfg.global_weight, dtype=torch.float32)
+        )
 
     def set_raw_scale(self, raw_scale: float) -> None:
         """Set the normalisation so that score == 1.0 at the chosen raw threshold."""
@@ -128,20 +216,44 @@ class PatchCoreGraph(nn.Module):
 
     def patch_distances(self, image: torch.Tensor) -> torch.Tensor:
         """Smoothed nearest-neighbour distance per patch, unnormalised: [N, gh, gw]."""
-        feat = self.features(image)
+        return self.branches(image)[0]
+
+    def global_distance(self, image: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance of the pooled features, unscaled: [N] (global branch only)."""
+        g = self.branches(image)[1]
+        if g is None:
+            raise ValueError("this graph has no global branch")
+        return g
+
+    def branches(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Smoothed patch-distance map [N, gh, gw] and global distance [N] (or None)."""
+        feat, pooled = self.features.forward_all(image)
+        gdist = None
+        if self.has_global and pooled is not None:
+            z = torch.matmul(pooled - self.g_mean, self.g_whiten)
+            gdist = torch.sqrt((z * z).sum(dim=1))
         n, _, gh, gw = feat.shape
         q = feat.flatten(2).transpose(1, 2)  # [N, P, D]
         sq = (q * q).sum(-1, keepdim=True)  # [N, P, 1]
         d2 = sq - 2.0 * torch.matmul(q, self.bank_t) + self.bank_sq  # [N, P, M]
         dist = torch.sqrt(torch.clamp(d2.min(dim=-1).values, min=0.0)).reshape(n, gh, gw)
-        return torch.matmul(torch.matmul(self.blur_rows, dist), self.blur_cols_t)
+        return torch.matmul(torch.matmul(self.blur_rows, dist), self.blur_cols_t), gdist
+
+    def patch_score(self, grid_map: torch.Tensor) -> torch.Tensor:
+        """Image score of the patch term: max or mean of the ``top_k`` highest cells."""
+        flat = grid_map.flatten(1)
+        k = self.cfg.top_k
+        return flat.max(dim=1).values if k <= 1 else flat.topk(k, dim=1).values.mean(dim=1)
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Normalised image score and anomaly map at input resolution."""
-        grid_map = self.patch_distances(image) * self.inv_scale
-        flat = grid_map.flatten(1)
-        k = self.cfg.top_k
-        score = flat.max(dim=1).values if k <= 1 else flat.topk(k, dim=1).values.mean(dim=1)
+        pmap, gdist = self.branches(image)
+        score = self.patch_score(pmap)
+        grid_map = pmap * self.inv_scale
+        if gdist is not None:
+            score = score + self.g_gain * gdist
+            grid_map = grid_map * self.map_gain
+        score = score * self.inv_scale
         amap = F.interpolate(
             grid_map.unsqueeze(1), size=self.cfg.input_hw, mode="bilinear", align_corners=False
         ).squeeze(1)

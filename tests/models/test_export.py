@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from models.export import export_fp16, export_fp32, torch_scores
-from models.patchcore import PatchCoreConfig, PatchCoreGraph, PatchFeatures, greedy_coreset
+from models.patchcore import (
+    GlobalGaussian,
+    PatchCoreConfig,
+    PatchCoreGraph,
+    PatchFeatures,
+    greedy_coreset,
+)
 
 #: Stated tolerances (normalised score units; scores here are around 1).
 FP32_TOL = 1e-4
@@ -115,3 +121,88 @@ def test_anomalous_patch_raises_the_score(exported) -> None:
     inside = np.zeros(rise.shape, bool)
     inside[20:36, 20:36] = True
     assert rise[inside].mean() > rise[~inside].mean()
+
+
+# --------------------------------------------------------------------------- global branch
+
+
+@pytest.fixture(scope="module")
+def global_graph() -> tuple[PatchCoreGraph, np.ndarray]:
+    """A gray graph with the image-level Gaussian branch, and the pooled fitting features."""
+    cfg = PatchCoreConfig(
+        input_hw=(64, 64), in_channels=1, stages=(2, 4), top_k=3, global_stages=(3, 4, 5)
+    )
+    feats = PatchFeatures(cfg).eval()
+    with torch.no_grad():
+        f, pooled = feats.forward_all(torch.from_numpy(_images(12, 1, seed=0)))
+    assert pooled is not None
+    bank = greedy_coreset(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), 64)
+    fitted = GlobalGaussian.fit(pooled)
+    graph = PatchCoreGraph(feats, bank, gaussian=fitted).eval()
+    graph.set_gaussian(GlobalGaussian(fitted.mean, fitted.whiten, gain=0.25))
+    graph.set_raw_scale(2.0)
+    return graph, pooled.numpy()
+
+
+def test_global_distance_is_the_ledoit_wolf_mahalanobis(global_graph) -> None:
+    from sklearn.covariance import LedoitWolf
+
+    graph, pooled = global_graph
+    lw = LedoitWolf().fit(pooled.astype(np.float64))
+    prec = np.linalg.inv(lw.covariance_)
+    x = _images(3, 1, seed=4)
+    with torch.no_grad():
+        _, q = graph.features.forward_all(torch.from_numpy(x))
+        got = graph.global_distance(torch.from_numpy(x)).numpy()
+    assert q is not None
+    z = q.numpy().astype(np.float64) - lw.location_
+    want = np.sqrt(np.einsum("nd,de,ne->n", z, prec, z))
+    np.testing.assert_allclose(got, want, rtol=1e-3)
+    assert np.all(got > 0)
+
+
+def test_global_term_is_added_to_the_patch_score(global_graph) -> None:
+    graph, _ = global_graph
+    x = torch.from_numpy(_images(3, 1, seed=6))
+    with torch.no_grad():
+        pmap, g = graph.branches(x)
+        score, amap = graph(x)
+    assert g is not None
+    want = (graph.patch_score(pmap) + 0.25 * g) / 2.0
+    torch.testing.assert_close(score, want, rtol=1e-5, atol=1e-6)
+    # the map shows the patch term, scaled by (1 + weight) to read ~1.0 at its threshold
+    assert float(amap.max()) == pytest.approx(float(pmap.max()) * 2.0 / 2.0, rel=1e-4)
+
+
+def test_global_branch_onnx_matches_pytorch(global_graph, tmp_path: Path) -> None:
+    graph, _ = global_graph
+    path = export_fp32(graph, tmp_path / "model_fp32.onnx")
+    x = _images(4, 1, seed=8)
+    s_t, m_t = torch_scores(graph, x)
+    s_o, m_o = _session(path).run(None, {"image": x})
+    assert np.max(np.abs(s_t - s_o)) <= FP32_TOL * max(1.0, float(np.abs(s_t).max()))
+    assert np.max(np.abs(m_t - m_o)) <= FP32_TOL * max(1.0, float(np.abs(m_t).max()))
+    names = {i.name for i in onnx.load(str(path)).graph.initializer}
+    assert {"g_mean", "g_whiten", "g_gain", "inv_scale", "bank_t"} <= names
+
+
+def test_a_global_change_moves_the_global_distance(global_graph) -> None:
+    graph, _ = global_graph
+    x = _images(1, 1, seed=2)
+    dark = np.clip(x - 0.8, -1.0, 1.0)  # the whole part darker: no local defect
+    with torch.no_grad():
+        g_good = float(graph.global_distance(torch.from_numpy(x))[0])
+        g_dark = float(graph.global_distance(torch.from_numpy(dark))[0])
+    assert g_dark > 2.0 * g_good
+
+
+def test_graph_needs_a_gaussian_exactly_with_global_stages() -> None:
+    cfg = PatchCoreConfig(input_hw=(64, 64), in_channels=1, stages=(2, 4), global_stages=(4,))
+    feats = PatchFeatures(cfg).eval()
+    bank = torch.zeros(4, feats.dim)
+    with pytest.raises(ValueError, match="Gaussian"):
+        PatchCoreGraph(feats, bank)
+    plain = PatchFeatures(PatchCoreConfig(input_hw=(64, 64), in_channels=1, stages=(2, 4)))
+    g = GlobalGaussian(torch.zeros(3), torch.eye(3), 1.0)
+    with pytest.raises(ValueError, match="Gaussian"):
+        PatchCoreGraph(plain, torch.zeros(4, plain.dim), gaussian=g)
