@@ -181,8 +181,8 @@ class PatchCoreGraph(nn.Module):
     ) -> None:
         super().__init__()
         cfg = features.cfg
-        if bool(cfg.global_stages) != (gaussian is not None):
-            raise ValueError("a Gaussian is needed exactly when cfg.global_stages is set")
+        if gaussian is not None and not cfg.global_stages:
+            raise ValueError("a Gaussian was given but cfg.global_stages is empty")
         self.cfg = cfg
         self.features = features
         self.register_buffer("bank_t", bank.t().contiguous().float())
@@ -193,9 +193,12 @@ class PatchCoreGraph(nn.Module):
             "blur_cols_t", _gauss_matrix(gw, cfg.blur_sigma_cells).t().contiguous()
         )
         self.register_buffer("inv_scale", torch.tensor(1.0 / raw_scale, dtype=torch.float32))
-        self.has_global = gaussian is not None
-        if gaussian is not None:
-            self.set_gaussian(gaussian)
+        self.has_global = bool(cfg.global_stages)
+        if self.has_global:
+            # Without a fitted Gaussian (e.g. a graph rebuilt from a manifest for timing), a
+            # placeholder with gain 0: same compute, global term 0 until set_gaussian().
+            dim = features.global_dim
+            self.set_gaussian(gaussian or GlobalGaussian(torch.zeros(dim), torch.eye(dim), 0.0))
 
     def set_gaussian(self, gaussian: GlobalGaussian) -> None:
         """Install (or replace) the fitted image-level Gaussian and its gain."""

@@ -196,13 +196,20 @@ def test_a_global_change_moves_the_global_distance(global_graph) -> None:
     assert g_dark > 2.0 * g_good
 
 
-def test_graph_needs_a_gaussian_exactly_with_global_stages() -> None:
-    cfg = PatchCoreConfig(input_hw=(64, 64), in_channels=1, stages=(2, 4), global_stages=(4,))
-    feats = PatchFeatures(cfg).eval()
-    bank = torch.zeros(4, feats.dim)
-    with pytest.raises(ValueError, match="Gaussian"):
-        PatchCoreGraph(feats, bank)
+def test_a_gaussian_without_global_stages_is_refused_and_a_missing_one_is_zero() -> None:
     plain = PatchFeatures(PatchCoreConfig(input_hw=(64, 64), in_channels=1, stages=(2, 4)))
     g = GlobalGaussian(torch.zeros(3), torch.eye(3), 1.0)
-    with pytest.raises(ValueError, match="Gaussian"):
+    with pytest.raises(ValueError, match="global_stages"):
         PatchCoreGraph(plain, torch.zeros(4, plain.dim), gaussian=g)
+    # global stages but no fitted Gaussian (a graph rebuilt for timing): the term is 0
+    cfg = PatchCoreConfig(input_hw=(64, 64), in_channels=1, stages=(2, 4), global_stages=(4,))
+    feats = PatchFeatures(cfg).eval()
+    x = torch.from_numpy(_images(2, 1, seed=3))
+    with torch.no_grad():
+        f = feats(x)
+    graph = PatchCoreGraph(feats, f.permute(0, 2, 3, 1).reshape(-1, feats.dim)[:16]).eval()
+    with torch.no_grad():
+        pmap, gdist = graph.branches(x)
+        score, _ = graph(x)
+    assert gdist is not None
+    torch.testing.assert_close(score, graph.patch_score(pmap))
