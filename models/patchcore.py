@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import numpy as np
 import torch
@@ -94,12 +95,32 @@ class PatchFeatures(nn.Module):
         self.dim = sum(chans[s] for s in sorted(set(cfg.stages)))
         self.global_dim = sum(chans[s] for s in sorted(set(cfg.global_stages)))
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """Aggregated patch features on the patch grid."""
-        return self.forward_all(image)[0]
+    @overload
+    def forward(self, image: torch.Tensor) -> torch.Tensor: ...
+
+    @overload
+    def forward(
+        self, image: torch.Tensor, with_pooled: Literal[True]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def forward(
+        self, image: torch.Tensor, with_pooled: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """Aggregated patch features on the patch grid [N, D, gh, gw].
+
+        With ``with_pooled``, also the image-pooled features [N, Dg] of the global stages
+        (None without them). Call the module (not a method) so that exported node names keep
+        the ``/features/trunk/`` scope the INT8 quantizer selects by.
+        """
+        feat, pooled = self._compute(image)
+        return (feat, pooled) if with_pooled else feat
 
     def forward_all(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Patch features [N, D, gh, gw] and the image-pooled features [N, Dg] (or None)."""
+        """Patch features and pooled features (see :meth:`forward`)."""
+        out: tuple[torch.Tensor, torch.Tensor | None] = self(image, True)
+        return out
+
+    def _compute(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         k = self.cfg.neighbourhood
         grid = self.cfg.grid_hw
         taps = dict(zip(self.taps, self.trunk(image), strict=True))
@@ -230,7 +251,7 @@ class PatchCoreGraph(nn.Module):
 
     def branches(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Smoothed patch-distance map [N, gh, gw] and global distance [N] (or None)."""
-        feat, pooled = self.features.forward_all(image)
+        feat, pooled = self.features(image, True)
         gdist = None
         if self.has_global and pooled is not None:
             z = torch.matmul(pooled - self.g_mean, self.g_whiten)

@@ -62,6 +62,9 @@ def test_graph_follows_the_contract(exported) -> None:
     _, path, channels = exported
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert convs
+    assert all(c.startswith("/features/trunk/") for c in convs)
     (inp,) = model.graph.input
     assert inp.name == "image"
     assert [o.name for o in model.graph.output] == ["score", "anomaly_map"]
@@ -182,8 +185,13 @@ def test_global_branch_onnx_matches_pytorch(global_graph, tmp_path: Path) -> Non
     s_o, m_o = _session(path).run(None, {"image": x})
     assert np.max(np.abs(s_t - s_o)) <= FP32_TOL * max(1.0, float(np.abs(s_t).max()))
     assert np.max(np.abs(m_t - m_o)) <= FP32_TOL * max(1.0, float(np.abs(m_t).max()))
-    names = {i.name for i in onnx.load(str(path)).graph.initializer}
+    model = onnx.load(str(path))
+    names = {i.name for i in model.graph.initializer}
     assert {"g_mean", "g_whiten", "g_gain", "inv_scale", "bank_t"} <= names
+    # the backbone keeps the node scope the INT8 quantizer selects by
+    convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
+    assert convs
+    assert all(c.startswith("/features/trunk/") for c in convs)
 
 
 def test_a_global_change_moves_the_global_distance(global_graph) -> None:
