@@ -1,11 +1,24 @@
 """Static INT8 quantization of a scoring graph in QDQ format with ONNX Runtime.
 
-Only the backbone convolutions are quantized: weights signed int8 symmetric, activations
-uint8, both per tensor. Per-channel weights were tried and wrecked the scores on MTD (good-part
-scores doubled, image AUROC 0.53; see docs/model-method.md), per-tensor keeps the ranking.
-The neighbourhood pooling, the distance to the memory bank, the smoothing and the score stay
-float32: they are cheap next to the convolutions and need the precision (distances are
-differences of large squared norms). Calibration runs the float graph on preprocessed good images.
+What is quantized, and how, is :class:`Int8Settings`; its defaults are the shipped
+configuration, chosen by the measurements in ``docs/model-method.md`` (section INT8):
+
+- backbone nodes (names with ``/trunk/``): ``Conv``, ``Clip`` (ReLU6) and ``Add``
+  (residuals), except the stem convolution (the backbone's first ``Conv``), which stays
+  float: with 1 or 3 input channels the int8 kernels have little to work on, and quantizing
+  the raw image costs a QuantizeLinear over the whole input;
+- the bank product ``q . bank``: the bank is an int8 constant with one scale per entry, the
+  queries are quantized like any activation, and the product comes out in float (ONNX
+  Runtime's ``MatMulIntegerToFloat``): it is a quarter of the INT8 graph's time otherwise.
+  ``|q|^2``, ``|b|^2``, the minimum, the smoothing and the score stay float32;
+- weights signed int8, symmetric, per output channel (per tensor lost 0.02 AUROC on MTD);
+- activations uint8, asymmetric, MinMax-calibrated on good images: ONNX Runtime then removes
+  every ReLU6 into the quantization range and fuses the whole backbone into ``QLinearConv`` /
+  ``QLinearAdd``. ``activations="s8"`` (symmetric, zero point 0) is what TensorRT's explicit
+  INT8 needs; ONNX Runtime's CPU provider fuses it far less (depthwise convolutions, ReLU6 and
+  residual additions run in float between Q/DQ pairs) and it is slower than FP32 there.
+  With ``s8`` every ``Conv -> Clip`` pair is calibrated on the clipped range (see
+  :func:`calibrate`).
 
 No torch here.
 """
@@ -13,8 +26,10 @@ No torch here.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,17 +49,106 @@ from models.export import INPUT_NAME
 #: the unclipped range (hundreds) and leaves the 0..6 that matters a few steps (measured:
 #: 54 % feature error with Conv alone).
 QUANTIZED_OPS = ("Conv", "Clip", "Add", "Relu")
-#: Name prefix of the backbone's nodes in exported graphs (module path features.trunk).
-BACKBONE_PREFIX = "/features/trunk/"
+#: Name fragment of the backbone's nodes in exported graphs: the exporter names nodes by
+#: module path, and the backbone is the ``trunk`` module (``/features/trunk/...`` or
+#: ``/trunk/...`` depending on how the graph calls it).
+BACKBONE_SCOPE = "/trunk/"
+#: The bank product ``q . bank`` (``MatMul`` with the constant ``bank_t``).
+BANK_NAME = "bank_t"
+
+_METHODS = {
+    "minmax": CalibrationMethod.MinMax,
+    "percentile": CalibrationMethod.Percentile,
+    "entropy": CalibrationMethod.Entropy,
+}
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """How :func:`quantize_int8` quantizes a scoring graph; the defaults are shipped."""
+
+    #: ``u8``: unsigned int8, asymmetric (fast on ONNX Runtime CPU; TensorRT refuses it).
+    #: ``s8``: signed int8, symmetric (zero point 0; what TensorRT explicit INT8 needs).
+    activations: str = "u8"
+    #: One weight scale per output channel (else one per tensor).
+    per_channel: bool = True
+    #: Activation range estimator: ``minmax``, ``percentile`` or ``entropy`` (ORT calibrators).
+    calibration: str = "minmax"
+    #: Percentile of ``calibration="percentile"``.
+    percentile: float = 99.999
+    #: Keep the backbone's first convolution (the stem) in float.
+    float_stem: bool = True
+    #: Backbone node name fragments (e.g. ``"blocks.14/"``) whose nodes stay float.
+    keep_float: tuple[str, ...] = ()
+    #: ``int8``: ``q . bank`` runs on int8 inputs with a float output (bank a per-entry int8
+    #: constant, queries calibrated like any activation). ``float``: it stays float32.
+    bank: str = "int8"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("activations", ("u8", "s8")),
+            ("calibration", tuple(_METHODS)),
+            ("bank", ("float", "int8")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"Int8Settings.{name} must be one of {', '.join(allowed)}, "
+                    f"not {getattr(self, name)!r}"
+                )
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"Int8Settings.percentile must be in (0, 100], not {self.percentile}")
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-safe form for the package manifest."""
+        return {
+            "format": "QDQ",
+            "activations": self.activations,
+            "weights": "s8 symmetric " + ("per channel" if self.per_channel else "per tensor"),
+            "calibration": self.calibration
+            + (f" {self.percentile}" if self.calibration == "percentile" else ""),
+            "float_stem": self.float_stem,
+            "keep_float": list(self.keep_float),
+            "bank": self.bank,
+        }
 
 
 def backbone_nodes(path: Path) -> list[str]:
-    """Names of the backbone nodes of a scoring graph (the only ones quantized)."""
+    """Names of the backbone nodes of a scoring graph (the ones eligible for quantization)."""
     import onnx
 
-    names = [n.name for n in onnx.load(str(path)).graph.node if n.name.startswith(BACKBONE_PREFIX)]
+    names = [n.name for n in onnx.load(str(path)).graph.node if BACKBONE_SCOPE in n.name]
     if not names:
-        raise ValueError(f"{path} has no nodes named {BACKBONE_PREFIX}*")
+        raise ValueError(f"{path} has no nodes named *{BACKBONE_SCOPE}*")
+    return names
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    import onnx
+
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def nodes_to_quantize(model: Any, settings: Int8Settings) -> list[str]:
+    """Names of the nodes of ``model`` (an ``onnx.ModelProto``) that ``settings`` quantizes."""
+    nodes = [n for n in model.graph.node if BACKBONE_SCOPE in n.name]
+    if not nodes:
+        raise ValueError(f"the graph has no nodes named *{BACKBONE_SCOPE}*")
+    skip: set[str] = set()
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    if settings.float_stem and convs:
+        skip.add(convs[0].name)
+    for frag in settings.keep_float:
+        skip.update(n.name for n in nodes if frag in n.name)
+    names = [n.name for n in nodes if n.name not in skip and n.op_type in QUANTIZED_OPS]
+    if settings.bank == "int8":
+        names += [
+            n.name
+            for n in model.graph.node
+            if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] == BANK_NAME
+        ]
     return names
 
 
@@ -61,36 +165,101 @@ class _GoodImages(CalibrationDataReader):  # type: ignore[misc]
         return None if chunk is None else {INPUT_NAME: chunk}
 
 
+def _clip_bounds(model: Any, node: Any) -> tuple[float, float] | None:
+    """(min, max) of a Clip node when both are constants of the graph."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] in node.input[1:]:
+            consts[n.output[0]] = numpy_helper.to_array(_attr(n, "value", None))
+    if len(node.input) < 3 or node.input[1] not in consts or node.input[2] not in consts:
+        return None
+    return float(consts[node.input[1]]), float(consts[node.input[2]])
+
+
+def calibrate(pre_path: Path, calibration: npt.NDArray[np.float32], settings: Int8Settings) -> Any:
+    """Activation ranges (ORT ``TensorsData``) of the graph at ``pre_path`` on ``calibration``.
+
+    With symmetric activations ONNX Runtime keeps every ReLU6 (``Clip``) and quantizes the
+    convolution output before it on its own range; the range of a ``Clip`` input is therefore
+    narrowed to the clip bounds (values beyond are clipped next anyway), so a ReLU6 output
+    keeps 7 bits over 0..6 instead of a few steps of the unclipped range.
+    """
+    import onnx
+    from onnxruntime.quantization.calibrate import TensorData, create_calibrator
+
+    symmetric = settings.activations == "s8"
+    options: dict[str, Any] = {"symmetric": symmetric}
+    if settings.calibration == "percentile":
+        options["percentile"] = settings.percentile
+    with tempfile.TemporaryDirectory(prefix="li-calib-") as tmp:
+        calibrator = create_calibrator(
+            pre_path,
+            list(QUANTIZED_OPS) + (["MatMul"] if settings.bank == "int8" else []),
+            augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+            calibrate_method=_METHODS[settings.calibration],
+            extra_options=options,
+        )
+        calibrator.collect_data(_GoodImages(calibration))
+        ranges = calibrator.compute_data()
+        del calibrator
+    model = onnx.load(str(pre_path))
+    for node in model.graph.node:
+        if node.op_type != "Clip" or node.input[0] not in ranges:
+            continue
+        bounds = _clip_bounds(model, node)
+        if bounds is None:
+            continue
+        old = ranges[node.input[0]]
+        lo, hi = old.range_value
+        lo = np.asarray(np.maximum(lo, bounds[0]), dtype=np.asarray(lo).dtype)
+        hi = np.asarray(np.minimum(hi, bounds[1]), dtype=np.asarray(hi).dtype)
+        ranges[node.input[0]] = TensorData(lowest=lo, highest=hi)
+    return ranges
+
+
 def quantize_int8(
     fp32_path: Path,
     out_path: Path,
     calibration: npt.NDArray[np.float32],
-    *,
-    method: str = "minmax",
+    settings: Int8Settings | None = None,
 ) -> Path:
     """Write the QDQ INT8 variant of ``fp32_path`` calibrated on ``calibration`` (NCHW)."""
+    import onnx
+    from onnxruntime.quantization.calibrate import save_tensors_data
+
+    s = settings or Int8Settings()
     if len(calibration) == 0:
         raise ValueError("calibration needs at least one image")
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "percentile": CalibrationMethod.Percentile,
-        "entropy": CalibrationMethod.Entropy,
-    }
     with tempfile.TemporaryDirectory(prefix="li-quant-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
+        names = nodes_to_quantize(onnx.load(str(pre)), s)
+        cache = Path(tmp) / "ranges.json"
+        save_tensors_data(calibrate(pre, calibration, s), cache)
+        extra: dict[str, Any] = {
+            "WeightSymmetric": True,
+            "ActivationSymmetric": s.activations == "s8",
+        }
+        if s.bank == "int8":
+            # one scale per bank entry; the product stays float (no Q/DQ on its output, so
+            # ORT runs MatMulIntegerToFloat): distances are small differences of large terms
+            extra["QDQOpTypePerChannelSupportToAxis"] = {"MatMul": 1}
+            extra["OpTypesToExcludeOutputQuantization"] = ["MatMul"]
         quantize_static(
             str(pre),
             str(out_path),
-            _GoodImages(calibration),
+            None,
             quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(QUANTIZED_OPS),
-            nodes_to_quantize=backbone_nodes(pre),
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
+            op_types_to_quantize=list(QUANTIZED_OPS) + (["MatMul"] if s.bank == "int8" else []),
+            nodes_to_quantize=names,
+            per_channel=s.per_channel,
+            activation_type=QuantType.QInt8 if s.activations == "s8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
-            calibrate_method=methods[method],
-            extra_options={"WeightSymmetric": True},
+            calibrate_method=_METHODS[s.calibration],
+            extra_options=extra,
+            calibration_cache_path=str(cache),
         )
     return out_path
 
@@ -109,6 +278,26 @@ def set_graph_scale(path: Path, inv_scale: float) -> None:
     raise ValueError(f"{path} has no inv_scale constant")
 
 
+def _bank_matmul_input(model: Any) -> str:
+    """The query-feature tensor multiplied with the bank (float or quantized bank)."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        if n.op_type != "MatMul" or len(n.input) != 2:
+            continue
+        b = producers.get(n.input[1])
+        if n.input[1] == BANK_NAME or (
+            b is not None and b.op_type == "DequantizeLinear" and b.input[0].startswith(BANK_NAME)
+        ):
+            a = producers.get(n.input[0])
+            # a quantized query: read the float tensor before its QuantizeLinear
+            if a is not None and a.op_type == "DequantizeLinear":
+                q = producers.get(a.input[0])
+                if q is not None and q.op_type == "QuantizeLinear":
+                    return str(q.input[0])
+            return str(n.input[0])
+    raise ValueError("the graph has no MatMul with the memory bank")
+
+
 def patch_features(
     path: Path, batch: npt.NDArray[np.float32], threads: int = 2
 ) -> npt.NDArray[np.float32]:
@@ -121,34 +310,99 @@ def patch_features(
     import onnxruntime as ort
 
     model = onnx.load(str(path))
-    feat = next(
-        n.input[0] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] == "bank_t"
-    )
+    feat = _bank_matmul_input(model)
     model.graph.output.append(onnx.helper.make_empty_tensor_value_info(feat))
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     out = [sess.run([feat], {INPUT_NAME: batch[i : i + 8]})[0] for i in range(0, len(batch), 8)]
     feats = np.concatenate(out)
     return np.ascontiguousarray(feats.reshape(-1, feats.shape[-1]), dtype=np.float32)
 
 
+def _quantize_bank(
+    bank_t: npt.NDArray[np.float32], dtype: type[np.integer[Any]], per_column: bool
+) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32]]:
+    """Symmetric int8 codes and scale(s) of ``bank_t`` [D, M] (one scale per column/entry)."""
+    amax = np.abs(bank_t).max(axis=0) if per_column else np.abs(bank_t).max(keepdims=True)
+    scale = (np.maximum(amax, 1e-12) / 127.0).astype(np.float32)
+    codes = np.clip(np.rint(bank_t / scale), -127, 127).astype(dtype)
+    return codes, scale.reshape(-1) if per_column else scale.reshape(())
+
+
 def set_bank(path: Path, bank: npt.NDArray[np.float32]) -> None:
-    """Replace the memory bank constants (``bank_t``, ``bank_sq``) of a scoring graph."""
+    """Replace the memory bank constants (``bank_t``, ``bank_sq``) of a scoring graph.
+
+    A quantized bank (``bank="int8"``) is re-quantized with the same layout; ``bank_sq`` is then
+    computed from the dequantized entries, so ``|q|^2 - 2 q.b + |b|^2`` stays consistent.
+    """
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(path))
-    new = {
-        "bank_t": np.ascontiguousarray(bank.T, dtype=np.float32),
-        "bank_sq": (bank.astype(np.float32) ** 2).sum(1).astype(np.float32),
-    }
+    bank_t = np.ascontiguousarray(bank.T, dtype=np.float32)
+    inits = {i.name: i for i in model.graph.initializer}
+    new: dict[str, npt.NDArray[Any]] = {}
+    deq = bank_t
+    if BANK_NAME in inits:
+        new[BANK_NAME] = bank_t
+    else:
+        q_name = next((n for n in inits if n.startswith(BANK_NAME) and "quantized" in n), None)
+        if q_name is not None:
+            dq = next(
+                n
+                for n in model.graph.node
+                if n.op_type == "DequantizeLinear" and n.input[0] == q_name
+            )
+            old_scale = numpy_helper.to_array(inits[dq.input[1]])
+            dtype = numpy_helper.to_array(inits[q_name]).dtype.type
+            codes, scale = _quantize_bank(bank_t, dtype, per_column=old_scale.ndim == 1)
+            new[q_name] = codes
+            new[dq.input[1]] = scale
+            if len(dq.input) > 2 and dq.input[2]:
+                new[dq.input[2]] = np.zeros(scale.shape, dtype)
+            deq = codes.astype(np.float32) * scale
+    new["bank_sq"] = (deq.astype(np.float32) ** 2).sum(0).astype(np.float32)
     done = set()
     for init in model.graph.initializer:
         if init.name in new:
             init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
             done.add(init.name)
-    if done != set(new):
-        raise ValueError(f"{path} lacks bank constants {sorted(set(new) - done)}")
+    if BANK_NAME not in done and not any(n.startswith(BANK_NAME) for n in done):
+        raise ValueError(f"{path} lacks bank constants {[BANK_NAME, 'bank_sq']}")
+    if "bank_sq" not in done:
+        raise ValueError(f"{path} lacks bank constants ['bank_sq']")
     del model.graph.value_info[:]  # inferred shapes may name the old bank size
     onnx.save(model, str(path))
+
+
+def quantized_op_types(path: Path) -> dict[str, int]:
+    """Op types fed by a ``DequantizeLinear`` (the ones running on int8 data), with counts."""
+    import onnx
+
+    model = onnx.load(str(path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        if n.op_type in {"QuantizeLinear", "DequantizeLinear"}:
+            continue
+        p = producers.get(n.input[0]) if n.input else None
+        if p is not None and p.op_type == "DequantizeLinear":
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+__all__: Sequence[str] = (
+    "BACKBONE_SCOPE",
+    "QUANTIZED_OPS",
+    "Int8Settings",
+    "backbone_nodes",
+    "calibrate",
+    "nodes_to_quantize",
+    "patch_features",
+    "quantize_int8",
+    "quantized_op_types",
+    "set_bank",
+    "set_graph_scale",
+)

@@ -30,20 +30,33 @@ def graphs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return fp32, int8
 
 
-def test_only_backbone_convolutions_are_quantized(graphs: tuple[Path, Path]) -> None:
+def test_only_the_backbone_and_the_bank_product_are_quantized(
+    graphs: tuple[Path, Path],
+) -> None:
     _, int8 = graphs
     model = onnx.load(str(int8))
     nodes = model.graph.node
     producers = {o: n for n in nodes for o in n.output}
     convs = [n for n in nodes if n.op_type == "Conv"]
     assert convs
-    assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in convs)
+    # the stem (first convolution) stays float by default, every other one is quantized
+    assert convs[0].input[0] not in producers or producers[convs[0].input[0]].op_type != (
+        "DequantizeLinear"
+    )
+    assert all(producers[n.input[0]].op_type == "DequantizeLinear" for n in convs[1:])
     assert any(n.op_type == "QuantizeLinear" for n in nodes)
+    consumers = {i: n for n in nodes for i in n.input}
+    bank_products = []
     for n in nodes:
-        if n.op_type in {"MatMul", "ReduceMin", "Sqrt"}:
-            for i in n.input:
-                p = producers.get(i)
-                assert p is None or p.op_type != "DequantizeLinear", f"{n.name} is quantized"
+        fed = [producers.get(i) for i in n.input]
+        quantized = [p for p in fed if p is not None and p.op_type == "DequantizeLinear"]
+        if n.op_type in {"ReduceMin", "Sqrt", "TopK", "Resize"}:
+            assert not quantized, f"{n.name} is quantized"
+        if n.op_type == "MatMul" and quantized:
+            bank_products.append(n)
+            # int8 inputs, float output: no QuantizeLinear after the product
+            assert consumers[n.output[0]].op_type != "QuantizeLinear"
+    assert len(bank_products) == 1  # q . bank; the smoothing products stay float
 
 
 def test_patch_features_read_from_the_graph_match_pytorch(graphs: tuple[Path, Path]) -> None:
