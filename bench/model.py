@@ -35,8 +35,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bank-size", type=int)
     p.add_argument("--top-k", type=int)
     p.add_argument("--blur-sigma", type=float)
+    p.add_argument(
+        "--global-stages", help="stages pooled for the image-level Gaussian, e.g. 3,4,5,6; 'none'"
+    )
+    p.add_argument("--global-weight", type=float, help="weight of the Gaussian term")
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 export")
+    p.add_argument("--no-int8", action="store_true", help="skip the INT8 graph (FP32 only)")
     return p.parse_args(argv)
+
+
+def _stages(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    if text.strip().lower() in {"", "none"}:
+        return ()
+    return tuple(int(x) for x in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,17 +67,21 @@ def main(argv: list[str] | None = None) -> int:
         "bank_size": args.bank_size,
         "top_k": args.top_k,
         "blur_sigma_cells": args.blur_sigma,
+        "global_stages": _stages(args.global_stages),
+        "global_weight": args.global_weight,
     }
     s = replace(s, **{k: v for k, v in over.items() if v is not None})
     if args.no_fp16:
         s = replace(s, fp16=False)
+    if args.no_int8:
+        s = replace(s, int8=False)
 
     with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
         out = args.out or Path(tmp) / "pkg"
         t0 = time.monotonic()
         teach(args.data, out, name="bench", version="0.0.0", settings=s, progress=True)
         teach_s = time.monotonic() - t0
-        graphs = tuple(g for g in args.graphs.split(",") if g)
+        graphs = tuple(g for g in args.graphs.split(",") if g and (g != "int8" or s.int8))
         result = evaluate(out, args.data, graphs, threads=args.threads, progress=True)
         manifest = json.loads((out / "manifest.json").read_text())
 

@@ -75,6 +75,9 @@ def test_package_loads_and_counts_bad_files(package: Path) -> None:
         assert m.threshold.image == 1.0
         assert m.threshold.raw_scale > 0
         assert m.threshold.rule == "quantile"
+        # the image-level Gaussian branch is on by default, its gain fitted on held-out goods
+        assert m.method["global_stages"] == [3, 4, 5, 6]
+        assert m.method["global_fit"]["gain"] > 0
         images = m.method["images"]
         assert images["skipped"] == {"empty file": 1, "not a decodable image": 1}
         assert images["converted"]["gray to rgb"] == 1
