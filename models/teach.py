@@ -82,7 +82,7 @@ class TeachSettings:
     blur_sigma_cells: float = 1.0
     top_k: int = 10
     global_stages: tuple[int, ...] = (3, 4, 5, 6)
-    global_weight: float = 1.0
+    global_weight: float = 0.5
     bank_size: int = 2000
     coreset_candidates: int = 60_000
     holdout_fraction: float = 0.1
