@@ -72,21 +72,35 @@ def _https_release(rig: Rig, http: PackageHttpServer, release_id: str) -> Signed
     return rel
 
 
+def _https_server(
+    rig: Rig, cert: Path, key: Path, client_ca: Path | None = None
+) -> PackageHttpServer:
+    """A started package server over TLS; with ``client_ca`` it requires client certificates."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(str(cert), str(key))
+    if client_ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(str(client_ca))
+    http = PackageHttpServer(rig.releases, tls=ctx)
+    http.start()
+    return http
+
+
+def _roll_out(
+    rig: Rig, http: PackageHttpServer, release_id: str, device: str, timeout_s: float
+) -> tuple[str, str]:
+    rel = _https_release(rig, http, release_id)
+    rig.rollout._assign(rel, device)
+    return rig.final(device, rel.manifest.release_id, timeout_s)
+
+
 def test_https_download_with_mutual_tls(rig: Rig) -> None:
     """The package server checks the device's client certificate, the device the server's."""
     cert, key = rig.broker.pki.issue("pkg-server", server=True)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(str(rig.broker.pki.ca_file))
-    http = PackageHttpServer(rig.releases, tls=ctx)
-    http.start()
+    http = _https_server(rig, cert, key, client_ca=rig.broker.pki.ca_file)
     try:
         a = rig.add_agent("dev-https", **HEALTH_FAST)
-        rel = _https_release(rig, http, "https-rel")
-        rid = rel.manifest.release_id
-        rig.rollout._assign(rel, "dev-https")
-        phase, msg = rig.final("dev-https", rid, 60)
+        phase, msg = _roll_out(rig, http, "https-rel", "dev-https", 60)
         assert phase in ("watching", "done"), msg
         assert active(a) == "1.1.0"
         assert rig.chunks.served == 0
@@ -100,16 +114,10 @@ def test_https_server_with_an_untrusted_certificate_fails_at_once(rig: Rig, tmp_
 
     rogue = Pki(tmp_path / "rogue-pki")  # a CA the device does not trust
     cert, key = rogue.issue("pkg-server", server=True)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(str(cert), str(key))
-    http = PackageHttpServer(rig.releases, tls=ctx)
-    http.start()
+    http = _https_server(rig, cert, key)
     try:
         a = rig.add_agent("dev-rogue", **HEALTH_FAST)
-        rel = _https_release(rig, http, "rogue-rel")
-        rid = rel.manifest.release_id
-        rig.rollout._assign(rel, "dev-rogue")
-        phase, msg = rig.final("dev-rogue", rid, 30)
+        phase, msg = _roll_out(rig, http, "rogue-rel", "dev-rogue", 30)
         assert phase == "failed", msg
         assert "TLS certificate" in msg
         assert "ca_file" in msg
