@@ -509,14 +509,7 @@ class Appliance:
 
     def trigger(self, part_id: int) -> Verdict:
         """Triggered mode: take one frame for ``part_id`` and inspect it (returns when done)."""
-        with self._inflight_cv:
-            self._inflight += 1
-        try:
-            grabbed = self._grab(part_id)
-        except BaseException:
-            self._part_done()
-            raise
-        return self._inspect_grabbed(grabbed)
+        return self._on_plc_trigger(part_id)()
 
     def _grab(self, part_id: int) -> Frame | Verdict:
         """The part's frame, or its ERROR verdict (already reported) when there is none."""
