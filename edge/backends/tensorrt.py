@@ -101,8 +101,47 @@ def engine_cache_key(
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
 
 
+def asymmetric_quantization(path: Path) -> list[str]:
+    """Names of QuantizeLinear/DequantizeLinear nodes TensorRT's explicit INT8 cannot take.
+
+    TensorRT needs symmetric signed int8 Q/DQ (zero point 0). ONNX Runtime's fastest CPU
+    form (``Int8Settings(activations="u8")``) quantizes activations to uint8 with a zero
+    point, which TensorRT's parser rejects with an opaque message; this names the nodes
+    before a build is attempted (no GPU needed).
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    consts = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = attr.t
+    bad = []
+    for node in model.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        zp = consts.get(node.input[2])
+        if zp is None:
+            continue
+        if zp.data_type == onnx.TensorProto.UINT8 or numpy_helper.to_array(zp).any():
+            bad.append(node.name or node.output[0])
+    return bad
+
+
 def build_engine(trt: Any, graph: GraphSource, config: TensorRTBackendConfig) -> bytes:
     """Build a serialized engine from an ONNX graph (slow: minutes on a Jetson)."""
+    if config.precision == "int8":
+        bad = asymmetric_quantization(graph.path)
+        if bad:
+            raise BackendError(
+                f"{graph.path.name} quantizes with uint8 / non-zero zero points ({len(bad)} "
+                f"Q/DQ nodes, e.g. {bad[0]}): ONNX Runtime's CPU form, which TensorRT's "
+                "explicit INT8 cannot take. Teach the package with "
+                "`--set int8_activations=s8` for TensorRT, or set precision: fp16"
+            )
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TRT 10

@@ -184,3 +184,14 @@ def test_an_int8_bank_is_requantized_by_set_bank(
 def test_bad_settings_are_refused_with_the_field_named(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=f"Int8Settings.{field}"):
         Int8Settings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_tensorrt_is_told_which_int8_graphs_it_cannot_take(fp32: Path, tmp_path: Path) -> None:
+    """The native TensorRT backend checks the graph before a build (no GPU needed)."""
+    from edge.backends.tensorrt import asymmetric_quantization
+
+    u8 = _quantize(fp32, tmp_path / "u8.onnx", Int8Settings(activations="u8"))
+    s8 = _quantize(fp32, tmp_path / "s8-trt.onnx", Int8Settings(activations="s8"))
+    assert asymmetric_quantization(u8)  # uint8 activations with zero points
+    assert asymmetric_quantization(s8) == []
+    assert asymmetric_quantization(fp32) == []
