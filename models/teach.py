@@ -102,6 +102,18 @@ class TeachSettings:
     threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # refuse a bad choice now, not after minutes of fitting
+        for name, allowed in (
+            ("int8_activations", ("u8", "s8")),
+            ("default_graph", ("auto", "fp32", "int8")),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"TeachSettings.{name} must be one of {', '.join(allowed)}, "
+                    f"not {getattr(self, name)!r}"
+                )
+
     def config(self, channels: int) -> PatchCoreConfig:
         """The graph configuration for an input with ``channels`` channels."""
         return PatchCoreConfig(

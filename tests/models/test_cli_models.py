@@ -211,6 +211,8 @@ def test_real_entry_point(pkg: Path, tmp_path: Path) -> None:
         ("no_such_knob=1", "KEY one of"),
         ("fp16=1", "expected bool"),
         ("input_size", "KEY=VALUE"),
+        ('int8_activations="int4"', "int8_activations must be one of u8, s8"),
+        ('default_graph="fp64"', "default_graph must be one of auto, fp32, int8"),
     ],
 )
 def test_teach_rejects_bad_settings_before_teaching(
