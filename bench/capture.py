@@ -18,7 +18,6 @@ Prints one JSON document.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -119,10 +118,9 @@ def main() -> None:
         "trigger_max_ms": round(max(lat), 3) if lat else float("nan"),
         "trigger_failures": failures,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n", encoding="utf-8")
+    from bench.report import emit_json
+
+    emit_json(result, args.out)
 
 
 if __name__ == "__main__":

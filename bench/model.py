@@ -115,11 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     int8 = summary["graphs"].get("int8", {}).get("image_auroc")
     if fp32 is not None and int8 is not None:
         summary["int8_image_auroc_loss"] = round(fp32 - int8, 5)
-    text = json.dumps(summary, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    from bench.report import emit_json
+
+    emit_json(summary, args.json)
     return 0
 
 

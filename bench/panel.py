@@ -22,7 +22,6 @@ Prints one JSON document with at least ``pipeline_p50_ms_idle``,
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import socket
 import sys
@@ -199,10 +198,9 @@ def main() -> None:
         "live_jpeg_p99_ms": _pct(jpeg_ms, 99),
         "jpeg_encodes_per_part": round(encodes / parts_watched, 3),
     }
-    text = json.dumps(out, indent=1)
-    print(text)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
+    from bench.report import emit_json
+
+    emit_json(out, args.json, indent=1)
 
 
 def _encodes(app: Appliance) -> int:

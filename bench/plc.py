@@ -637,11 +637,9 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
     )
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n", encoding="utf-8")
+    from bench.report import emit_json
+
+    emit_json(doc, args.out)
     return 0
 
 

@@ -212,11 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     result["fp32"]["latency"] = lat.pop("fp32")
     for name, v in lat.items():
         result["variants"][name]["latency"] = v
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(text + "\n")
+    from bench.report import emit_json
+
+    emit_json(result, args.json)
     return 0
 
 
