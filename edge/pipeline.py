@@ -16,9 +16,10 @@ The hot path, in order, with nothing slow in between:
 :meth:`Pipeline.inspect` runs them one part at a time (triggered mode). The
 free-run loop overlaps parts instead: :meth:`Pipeline.begin` does 1 and starts
 2, :meth:`Pipeline.collect` waits for 2, :meth:`Pipeline.finish` does 3-5, and
-the loop begins part N+1 (when a frame is already waiting) before it finishes
-part N, so deciding, committing and reporting N run while the backend works
-on N+1 (see :meth:`Pipeline.run_overlapped`).
+the loop begins part N+1 (when a frame is already waiting) while the backend
+still runs part N, queued behind it, so the backend goes from N to N+1 with
+no hand-off between threads, and deciding, committing and reporting N run
+while the backend works on N+1 (see :meth:`Pipeline.run_overlapped`).
 
 Any fault on the way (bad frame, backend error or hang, store failure) makes
 an ERROR verdict: a fault never looks like OK.
@@ -356,9 +357,9 @@ class Pipeline:
     def begin(self, frame: Frame) -> PartInFlight:
         """Preprocess ``frame`` and start the backend on it (returns while it runs).
 
-        Every part begun must be :meth:`finish`-ed (it then gets its verdict,
-        ERROR when anything failed); at most one part's backend call is in
-        flight, so :meth:`collect` the previous part before the next begin.
+        Every part begun must be :meth:`finish`-ed, in the order begun (it then
+        gets its verdict, ERROR when anything failed); at most two parts may be
+        begun and not yet collected (one running, one queued behind it).
         """
         with self._inspect_lock:
             return self._begin(frame)
@@ -457,12 +458,13 @@ class Pipeline:
     ) -> int:
         """The free-run loop: inspect frames from ``next_frame(timeout_s)`` until ``stopping()``.
 
-        Part N is decided, committed and reported while the backend runs part
-        N+1 when a frame is already waiting (a camera faster than the
-        pipeline); otherwise N is finished at once, so a slow camera adds no
-        latency. Frames are taken only when the backend is free, so the
-        freshest frame is inspected. Every part begun is finished before it
-        returns; returns how many parts it finished.
+        While the backend runs part N, a frame that is already waiting (a
+        camera faster than the pipeline) is preprocessed and queued behind it
+        as part N+1, so the backend starts N+1 the moment N returns; part N is
+        then decided, committed and reported while N+1 runs. With no frame
+        waiting, N is finished at once, so a slow camera adds no latency. A
+        queued frame waits at most one backend call. Every part begun is
+        finished before it returns; returns how many parts it finished.
         """
         done = 0
         part: PartInFlight | None = None
@@ -475,12 +477,11 @@ class Pipeline:
                 if frame is not None:
                     part = self.begin(frame)
                 continue
-            self.collect(part)
             following: PartInFlight | None = None
             if not stopping():
                 frame = next_frame(0.0)
                 if frame is not None:
-                    following = self.begin(frame)
+                    following = self.begin(frame)  # queued behind ``part`` on the backend
             self.finish(part)
             done += 1
             part = following

@@ -11,9 +11,13 @@ thread. The pipeline's call waits at most ``deadline_s``:
   ``max_consecutive_errors`` in a row the backend is replaced.
 
 :meth:`InferenceRunner.submit` starts a call and :meth:`InferenceRunner.result`
-waits for it (the deadline counts from the submit), so a caller can do other
-work while the backend runs: the free-run loop decides, commits and reports
-the previous part meanwhile. :meth:`InferenceRunner.infer` is both in one.
+waits for it, so a caller can do other work while the backend runs: the
+free-run loop decides, commits and reports the previous part meanwhile.
+:meth:`InferenceRunner.infer` is both in one. One call may wait behind the
+running one (the free-run loop queues part N+1 while N runs, so the backend
+starts it the moment N returns, with no thread hand-off in between); the
+deadline counts from when the backend starts a call, and a call still waiting
+when the running one hangs fails at once ("backend recovering").
 
 Replacement happens on a recovery thread while further parts get ERROR
 verdicts straight away ("backend recovering"): the candidates (primary, then
@@ -71,17 +75,26 @@ class InferenceCall:
     future: concurrent.futures.Future[BackendOutput]
     submitted: float
     """``time.perf_counter()`` when it was submitted."""
+    started: float = 0.0
+    """``time.perf_counter()`` when the backend started it (0.0 while it waits)."""
     returned: float = 0.0
     """``time.perf_counter()`` when the backend returned (0.0 while it runs)."""
 
     @property
     def latency_ms(self) -> float:
-        """Submit to the backend's return (so far, while it runs)."""
+        """The backend's own time: start to return (so far, while it runs; 0 while queued)."""
+        if not self.started:
+            return 0.0
         end = self.returned or time.perf_counter()
-        return (end - self.submitted) * 1000.0
+        return (end - self.started) * 1000.0
 
 
 _Job = tuple[FloatArray, InferenceCall]
+
+RECOVERING = "backend recovering after a fault; no result"
+
+MAX_IN_FLIGHT = 2
+"""Calls a worker holds at once: the running one and one waiting behind it."""
 
 
 class _Worker:
@@ -91,18 +104,51 @@ class _Worker:
         self.backend = backend
         self.label = label
         self.abandoned = threading.Event()
-        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=1)
+        # a call waits here until the thread takes it: at most two are in flight
+        # (one running, one waiting; the None that stops the thread needs room too)
+        self._jobs: queue.Queue[_Job | None] = queue.Queue(maxsize=3)
+        self._in_flight = 0
+        self._count_lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name=f"backend-{label}", daemon=True)
         self._thread.start()
 
     def submit(self, x: FloatArray) -> InferenceCall:
         call = InferenceCall(self, concurrent.futures.Future(), time.perf_counter())
-        try:
-            self._jobs.put_nowait((x, call))
-        except queue.Full:
-            call.returned = call.submitted
-            call.future.set_exception(BackendError("backend is still busy with the previous part"))
+        if self.abandoned.is_set():
+            self._fail(call, BackendRecoveringError(RECOVERING))
+            return call
+        with self._count_lock:
+            busy = self._in_flight >= MAX_IN_FLIGHT
+            if not busy:
+                self._in_flight += 1
+        if busy:
+            self._fail(call, BackendError("backend is still busy with the previous parts"))
+            return call
+        call.future.add_done_callback(self._done)
+        self._jobs.put_nowait((x, call))
         return call
+
+    def _done(self, _fut: concurrent.futures.Future[BackendOutput]) -> None:
+        with self._count_lock:
+            self._in_flight -= 1
+
+    @staticmethod
+    def _fail(call: InferenceCall, exc: BaseException) -> None:
+        now = time.perf_counter()
+        call.started = call.started or now
+        call.returned = now
+        if call.future.set_running_or_notify_cancel():
+            call.future.set_exception(exc)
+
+    def fail_waiting(self, reason: str) -> None:
+        """Fail every call still waiting for this worker (it hung or is being replaced)."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self._fail(job[1], BackendRecoveringError(reason))
 
     def _loop(self) -> None:
         while True:
@@ -111,8 +157,12 @@ class _Worker:
                 break
             x, call = job
             fut = call.future
+            if self.abandoned.is_set():
+                self._fail(call, BackendRecoveringError(RECOVERING))
+                continue
             if not fut.set_running_or_notify_cancel():
                 continue
+            call.started = time.perf_counter()
             try:
                 out = self.backend.run(x)
             except BaseException as exc:
@@ -133,6 +183,7 @@ class _Worker:
 
     def stop(self, timeout_s: float = 2.0) -> None:
         self.abandoned.set()
+        self.fail_waiting(RECOVERING)
         # busy or stuck: it exits after its current call (abandoned is set)
         with contextlib.suppress(queue.Full):
             self._jobs.put_nowait(None)
@@ -220,29 +271,35 @@ class InferenceRunner:
     def submit(self, x: FloatArray) -> InferenceCall:
         """Start the live backend on ``x`` (returns at once); raises :class:`BackendError`.
 
-        At most one call is in flight: wait for it with :meth:`result` before
-        the next submit.
+        At most two calls are in flight: the running one and one waiting
+        behind it (a third fails as busy). Collect them with :meth:`result`
+        in submit order.
         """
         with self._lock:
             worker = self._worker
             recovering = self._recovering
         if worker is None or recovering:
-            raise BackendRecoveringError("backend recovering after a fault; no result")
+            raise BackendRecoveringError(RECOVERING)
         return worker.submit(x)
 
     def result(self, call: InferenceCall) -> BackendOutput:
         """The outcome of a :meth:`submit`, waiting at most until its deadline.
 
-        The deadline counts from the submit. Raises :class:`BackendTimeoutError`
-        (hang: the backend is replaced), :class:`BackendError` (the call failed).
+        The deadline counts from when the backend started the call (from now
+        when it has not started yet: the call before it is collected first, so
+        it is about to start). Raises :class:`BackendTimeoutError` (hang: the
+        backend is replaced, a call waiting behind it fails), and
+        :class:`BackendError` (the call failed).
         """
         worker, fut = call.worker, call.future
         try:
-            wait_s = max(0.0, call.submitted + self.deadline_s - time.perf_counter())
+            start = call.started or time.perf_counter()
+            wait_s = max(0.0, start + self.deadline_s - time.perf_counter())
             out = fut.result(timeout=wait_s)
         except concurrent.futures.TimeoutError:
             self.hangs += 1
             worker.abandoned.set()
+            worker.fail_waiting("the backend hung on the previous part; recovering")
             self.events.emit(
                 "backend.hung",
                 SOURCE,

@@ -443,6 +443,93 @@ def test_overlapped_free_run_finishes_part_n_while_n_plus_1_runs(
     state.runner.stop()
 
 
+def test_free_run_queues_part_n_plus_1_behind_n_on_the_backend(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
+) -> None:
+    p, runner = _pipeline(
+        toy_package,
+        store,
+        events,
+        [_candidate(toy_package, "primary", release, {"run": "slow", "sleep_s": "0.3"}, [])],
+        deadline_s=5.0,
+    )
+    begun: list[PartInFlight] = []
+    original_begin = p.begin
+
+    def begin(frame: Frame) -> PartInFlight:
+        begun.append(original_begin(frame))
+        return begun[-1]
+
+    p.begin = begin  # type: ignore[method-assign]
+    cam = _Camera(3, waiting=True)
+    assert p.run_overlapped(cam.next_frame, cam.stopping) == 3
+    calls = [part.call for part in begun if part.call is not None]
+    assert len(calls) == 3
+    c0, c1, c2 = calls
+    # part 1 was handed to the backend while part 0 still ran, and started after it returned
+    assert c1.submitted < c0.returned <= c1.started
+    assert c2.submitted < c1.returned <= c2.started
+    # its infer time is the backend's own (about 0.3 s), not the wait behind part 0
+    assert begun[1].timings["infer"] == pytest.approx(c1.latency_ms)
+    assert c1.latency_ms < (c1.returned - c1.submitted) * 1000.0
+    assert [r.code for r in store.verdicts_after(0, 10)] == [VerdictCode.OK] * 2 + [VerdictCode.NG]
+    runner.stop()
+
+
+def test_free_run_part_queued_behind_a_hung_one_fails_at_once_with_the_reason(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
+) -> None:
+    p, runner = _pipeline(
+        toy_package,
+        store,
+        events,
+        [
+            _candidate(toy_package, "primary", release, {"run": "hang"}, []),
+            _candidate(toy_package, "fallback", release, {"run": "ok"}, []),
+        ],
+        deadline_s=0.3,
+    )
+    sink = _Collect()
+    p.sinks.append(sink)
+    cam = _Camera(2, waiting=True)
+    t = time.perf_counter()
+    assert p.run_overlapped(cam.next_frame, cam.stopping) == 2
+    assert time.perf_counter() - t < 10.0  # the hung call itself lasts until the test ends
+    assert [v.frame_sequence for v in sink.verdicts] == [0, 1]
+    assert [v.code for v in sink.verdicts] == [VerdictCode.ERROR, VerdictCode.ERROR]
+    assert "deadline" in sink.verdicts[0].error
+    assert "hung on the previous part" in sink.verdicts[1].error
+    assert [r.code for r in store.verdicts_after(0, 10)] == [VerdictCode.ERROR] * 2
+    assert runner.hangs == 1  # the queued part is not counted as a second hang
+    assert runner.wait_ready(10)
+    assert runner.active_label == "fallback"
+    runner.stop()
+
+
+def test_a_third_call_while_two_are_in_flight_is_refused_as_busy(
+    toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
+) -> None:
+    _, runner = _pipeline(
+        toy_package,
+        store,
+        events,
+        [_candidate(toy_package, "primary", release, {"run": "hang"}, [])],
+        deadline_s=5.0,
+    )
+    x = toy_package.preprocess(_frame(0).image)
+    first, second = runner.submit(x), runner.submit(x)
+    third = runner.submit(x)
+    assert isinstance(third.future.exception(timeout=5), BackendError)
+    assert "busy" in str(third.future.exception())
+    assert not first.future.done()
+    assert not second.future.done()
+    release.set()  # the running call returns, the waiting one runs next
+    assert runner.result(first).score.shape == (1,)
+    assert runner.result(second).score.shape == (1,)
+    assert second.started >= first.returned
+    runner.stop()
+
+
 def test_overlapped_free_run_with_a_slow_camera_finishes_each_part_at_once(
     toy_package: ModelPackage, store: ResultStore, events: EventBus
 ) -> None:
