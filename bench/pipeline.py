@@ -9,6 +9,7 @@ Prints one JSON object. Keys:
 - ``pipeline_p50_ms`` / ``pipeline_p99_ms``: frame-to-verdict latency of
   the running appliance in triggered mode (frame grabbed -> verdict
   committed to SQLite and reported), one part at a time;
+  ``triggered_stage_ms`` gives p50/p99 of each ``Verdict.timings_ms`` stage there;
 - ``throughput_fps``: verdicts per second of the appliance in free-run with a
   camera faster than the pipeline (``camera_fps``; ``free_run_drops`` > 0 in
   every window shows it); ``throughput_vs_backend`` = ``throughput_fps`` x the
@@ -248,6 +249,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         v = app.trigger(1000 + i)
         walls.append((time.perf_counter() - t) * 1000.0)
         totals.append(v.timings_ms["total"])
+    trig_rows = [r for r in app.store.verdicts_after(0, 10**7) if (r.trigger_id or 0) >= 1000]
+    triggered_stages = {
+        k: {
+            "p50": _pct([r.timings_ms[k] for r in trig_rows], 50),
+            "p99": _pct([r.timings_ms[k] for r in trig_rows], 99),
+        }
+        for k in ("preprocess", "infer", "decide", "pipeline", "total")
+        if trig_rows and all(k in r.timings_ms for r in trig_rows)
+    }
     app.stop()
     # -- free-run throughput with a camera faster than the pipeline ------------------------
     # blocks interleaved round by round: [camera paused: bare backend back to back]
@@ -322,6 +332,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "pipeline_p50_ms": _pct(totals, 50),
         "pipeline_p99_ms": _pct(totals, 99),
         "trigger_to_verdict_p99_ms": _pct(walls, 99),
+        "triggered_stage_ms": triggered_stages,
         "pipeline_vs_backend_p99": _pct(totals, 99) / _pct(lat, 99),
         "throughput_fps": fps,
         "throughput_vs_backend": fps * mean_ms / 1000.0,
