@@ -7,6 +7,14 @@ committed transaction survives a crash or SIGKILL of the process (the OS
 holds the WAL pages); ``store.synchronous: full`` also survives a power cut
 at the price of one fsync per part.
 
+Checkpoints stay off the hot path: the committing connection never
+checkpoints (``wal_autocheckpoint = 0``; SQLite's default would copy the WAL
+into the database and fsync, every 1 000 pages, inside some part's commit:
+measured p99 4 ms and stalls of tens of ms per commit, against 0.1 ms
+without); the writer thread runs a PASSIVE checkpoint at most every
+``CHECKPOINT_INTERVAL_S`` (which never blocks a commit), and ``stop`` a
+final one.
+
 Images never sit on the hot path: :meth:`ResultStore.submit_images` puts a
 job on a bounded queue (full queue: the images are skipped and counted) and
 a writer thread encodes the frame and the heatmap overlay and writes them
@@ -58,6 +66,8 @@ log = logging.getLogger(__name__)
 DB_NAME = "results.sqlite"
 _MEDIAN_SAMPLES = 50_000
 SCHEMA_VERSION = 1
+CHECKPOINT_INTERVAL_S = 1.0
+"""How often the writer thread checkpoints the WAL (it is idle-waiting at most this long)."""
 ImageKind = Literal["image", "heatmap"]
 
 _SCHEMA = """
@@ -237,6 +247,10 @@ class WriterStats:
     evicted: int = 0
     bytes_used: int = 0
     degraded: bool = False
+    checkpoints: int = 0
+    """WAL checkpoints run by the writer thread."""
+    wal_pages: int = 0
+    """Pages in the WAL at the last checkpoint."""
     extra: dict[str, int] = field(default_factory=dict)
 
     def snapshot(self) -> WriterStats:
@@ -315,6 +329,7 @@ class ResultStore:
         self._stats = WriterStats()
         self._stats_lock = threading.Lock()
         self._last_retention = 0.0
+        self._last_checkpoint = 0.0
         self._degraded_since = 0.0
         self.commit_failures = 0
 
@@ -335,6 +350,7 @@ class ResultStore:
         mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise StoreError(f"{self.db_path}: cannot switch SQLite to WAL (got {mode})")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # the writer thread checkpoints
         conn.executescript(_SCHEMA)
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
@@ -369,6 +385,8 @@ class ResultStore:
             self._writer = None
         with self._write_lock:
             if self._conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 self._conn.close()
                 self._conn = None
         with self._readers_lock:
@@ -463,8 +481,9 @@ class ResultStore:
         conn = self._connect()
         try:
             while True:
+                self._maybe_checkpoint(conn)
                 try:
-                    job = self._queue.get(timeout=1.0)
+                    job = self._queue.get(timeout=CHECKPOINT_INTERVAL_S)
                 except queue.Empty:
                     self._maybe_retention(conn)
                     continue
@@ -602,6 +621,21 @@ class ResultStore:
             self._stats.bytes_used = max(0, self._stats.bytes_used - freed)
             self._stats.evicted += len(rows)
         return len(rows)
+
+    def _maybe_checkpoint(self, conn: sqlite3.Connection) -> None:
+        """Copy committed WAL pages into the database (PASSIVE: never waits for a commit)."""
+        now = time.monotonic()
+        if now - self._last_checkpoint < CHECKPOINT_INTERVAL_S:
+            return
+        self._last_checkpoint = now
+        try:
+            _busy, wal_pages, _done = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            log.warning("WAL checkpoint failed: %s", exc)
+            return
+        with self._stats_lock:
+            self._stats.checkpoints += 1
+            self._stats.wal_pages = int(wal_pages)
 
     def _maybe_retention(self, conn: sqlite3.Connection) -> None:
         now = time.time()

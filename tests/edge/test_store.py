@@ -252,11 +252,11 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def _fill(path: Path) -> None:
-    with open(path, "wb") as f:
+    # unbuffered: nothing is left to flush (and fail) at close once the disk is full
+    with open(path, "wb", buffering=0) as f:
         try:
             while True:
                 f.write(os.urandom(16384))
-                f.flush()
         except OSError:
             pass
 
@@ -381,3 +381,26 @@ def test_lower_thread_priority_is_per_thread_and_capped() -> None:
     assert seen["capped"] == 19
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == main_before
     assert lower_thread_priority(0) is False
+
+
+def test_commits_never_checkpoint_the_writer_thread_does(tmp_path: Path) -> None:
+    s = ResultStore(StoreConfig(path=tmp_path / "r"))
+    s.start()
+    conn = s._conn  # the hot-path connection
+    assert conn is not None
+    assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    wal = tmp_path / "r" / "results.sqlite-wal"
+    for _ in range(3000):  # several thousand pages of WAL: the default would checkpoint
+        s.commit(_verdict(s.next_inspection_id()))
+    deadline = time.monotonic() + 30
+    while s.writer_stats().checkpoints < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert s.writer_stats().checkpoints >= 2
+    # the writer's PASSIVE checkpoint copied the commits into the database file
+    assert s.writer_stats().wal_pages > 0
+    assert wal.stat().st_size > 0
+    s.stop()
+    # stop truncates the WAL: everything is in the database file itself
+    assert not wal.exists() or wal.stat().st_size == 0
+    with contextlib.closing(sqlite3.connect(tmp_path / "r" / "results.sqlite")) as db:
+        assert db.execute("SELECT COUNT(*) FROM verdicts").fetchone()[0] == 3000
