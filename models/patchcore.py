@@ -7,6 +7,9 @@ a small edge backbone and to a single exportable graph:
 2. local neighbourhood aggregation: a ``k x k`` average pool (stride 1) on each stage, the
    maps resampled to one patch grid and concatenated per patch;
 3. a memory bank of good-patch features, subsampled by greedy k-centre coreset selection;
+   optionally (``projection_dim``) the patch features are first projected to fewer dimensions
+   by a constant matrix (PCA of the fitting patches, :func:`pca_projection`), and the bank is
+   stored projected: the bank product, the graph's largest single cost, shrinks with it;
 4. per patch, the Euclidean distance to its nearest bank entry;
 5. the patch-distance map is smoothed with a Gaussian (as two constant matrix products, so
    it stays in float when the graph is quantized) and the image score is the mean of its
@@ -55,6 +58,10 @@ class PatchCoreConfig:
     global_stages: tuple[int, ...] = ()
     #: Weight of the Gaussian term relative to the patch term (after median matching).
     global_weight: float = 1.0
+    #: Patch features are projected to this many dimensions (a constant matrix, PCA of the
+    #: fitting patches) before the nearest-neighbour search; the bank is stored projected.
+    #: 0 = no projection.
+    projection_dim: int = 0
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -185,6 +192,7 @@ class PatchCoreGraph(nn.Module):
 
     bank_t: torch.Tensor
     bank_sq: torch.Tensor
+    proj: torch.Tensor
     blur_rows: torch.Tensor
     blur_cols_t: torch.Tensor
     inv_scale: torch.Tensor
@@ -199,13 +207,32 @@ class PatchCoreGraph(nn.Module):
         bank: torch.Tensor,
         raw_scale: float = 1.0,
         gaussian: GlobalGaussian | None = None,
+        projection: torch.Tensor | None = None,
     ) -> None:
+        """``bank`` [M, d]: bank entries in the (projected) feature space; ``projection``
+        [D, d] with ``cfg.projection_dim`` = d (a random orthonormal placeholder if None, e.g.
+        for a graph rebuilt for timing)."""
         super().__init__()
         cfg = features.cfg
         if gaussian is not None and not cfg.global_stages:
             raise ValueError("a Gaussian was given but cfg.global_stages is empty")
         self.cfg = cfg
         self.features = features
+        self.has_projection = cfg.projection_dim > 0
+        if projection is not None and not self.has_projection:
+            raise ValueError("a projection was given but cfg.projection_dim is 0")
+        if self.has_projection:
+            if projection is None:
+                projection = random_projection(features.dim, cfg.projection_dim)
+            if tuple(projection.shape) != (features.dim, cfg.projection_dim):
+                raise ValueError(
+                    f"projection of shape {tuple(projection.shape)}, expected "
+                    f"({features.dim}, {cfg.projection_dim})"
+                )
+            self.register_buffer("proj", projection.float().contiguous())
+        want = cfg.projection_dim or features.dim
+        if bank.ndim != 2 or bank.shape[1] != want:
+            raise ValueError(f"bank of shape {tuple(bank.shape)}, expected [M, {want}]")
         self.register_buffer("bank_t", bank.t().contiguous().float())
         self.register_buffer("bank_sq", (bank.float() ** 2).sum(1))
         gh, gw = cfg.grid_hw
@@ -258,6 +285,8 @@ class PatchCoreGraph(nn.Module):
             gdist = torch.sqrt((z * z).sum(dim=1))
         n, _, gh, gw = feat.shape
         q = feat.flatten(2).transpose(1, 2)  # [N, P, D]
+        if self.has_projection:
+            q = torch.matmul(q, self.proj)  # [N, P, d]
         sq = (q * q).sum(-1, keepdim=True)  # [N, P, 1]
         d2 = sq - 2.0 * torch.matmul(q, self.bank_t) + self.bank_sq  # [N, P, M]
         dist = torch.sqrt(torch.clamp(d2.min(dim=-1).values, min=0.0)).reshape(n, gh, gw)
@@ -282,6 +311,42 @@ class PatchCoreGraph(nn.Module):
             grid_map.unsqueeze(1), size=self.cfg.input_hw, mode="bilinear", align_corners=False
         ).squeeze(1)
         return score, amap
+
+
+def random_projection(dim: int, out_dim: int, seed: int = 0) -> torch.Tensor:
+    """A random orthonormal [dim, out_dim] matrix (columns orthonormal)."""
+    gen = torch.Generator().manual_seed(seed)
+    q: torch.Tensor = torch.linalg.qr(
+        torch.randn(dim, out_dim, generator=gen, dtype=torch.float64)
+    )[0]
+    return q.float()
+
+
+def pca_projection(
+    patches: torch.Tensor, out_dim: int, *, seed: int = 0, limit: int = 100_000
+) -> torch.Tensor:
+    """The ``out_dim`` leading principal axes [D, out_dim] of ``patches`` [P, D].
+
+    An orthonormal projection: distances in the projected space are the distances of the
+    features' components along the axes of largest variance of the good patches, so the
+    nearest neighbour loses least there. No centring is stored: distances do not depend on
+    it. At most ``limit`` random patches are used (bounds CPU time).
+    """
+    if not 0 < out_dim <= patches.shape[1]:
+        raise ValueError(f"projection to {out_dim} of {patches.shape[1]} dimensions")
+    gen = torch.Generator().manual_seed(seed)
+    x = patches
+    if x.shape[0] > limit:
+        x = x[torch.randperm(x.shape[0], generator=gen)[:limit]]
+    x = x.double()
+    x = x - x.mean(0)
+    cov = x.T @ x / max(1, x.shape[0] - 1)
+    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+    axes = vecs[:, -out_dim:].flip(1)
+    # a deterministic sign per axis (eigh's is arbitrary): largest component positive
+    signs = torch.sign(axes[axes.abs().argmax(0), torch.arange(out_dim)])
+    out: torch.Tensor = (axes * signs).float().contiguous()
+    return out
 
 
 def batches(x: np.ndarray, size: int) -> Iterator[np.ndarray]:

@@ -88,12 +88,18 @@ class Int8Settings:
     #: ``int8``: ``q . bank`` runs on int8 inputs with a float output (bank a per-entry int8
     #: constant, queries calibrated like any activation). ``float``: it stays float32.
     bank: str = "int8"
+    #: The image-level Gaussian's constants (``g_mean``, ``g_whiten``, ``g_gain``) of the INT8
+    #: graph. ``refit``: refitted on the pooled features the INT8 graph itself computes, like
+    #: its bank (done after quantization by ``models.teach.fit_int8`` with :func:`set_gaussian`).
+    #: ``fp32``: kept as fitted on FP32 features.
+    gaussian: str = "refit"
 
     def __post_init__(self) -> None:
         for name, allowed in (
             ("activations", ("u8", "s8")),
             ("calibration", tuple(_METHODS)),
             ("bank", ("float", "int8")),
+            ("gaussian", ("refit", "fp32")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -114,6 +120,7 @@ class Int8Settings:
             "float_stem": self.float_stem,
             "keep_float": list(self.keep_float),
             "bank": self.bank,
+            "gaussian": self.gaussian,
         }
 
 
@@ -270,18 +277,37 @@ def quantize_int8(
     return out_path
 
 
+def _set_constant(model: Any, name: str, value: npt.NDArray[Any]) -> bool:
+    """Give the constant ``name`` of ``model`` a new value; False if there is no such constant.
+
+    The TorchScript exporter merges equal constants: a buffer may then be an ``Identity`` of
+    another one (e.g. ``g_gain`` of ``inv_scale`` when both are 1.0). Such an ``Identity`` is
+    replaced by an initializer of its own, so that the other constant keeps its value.
+    """
+    from onnx import numpy_helper
+
+    tensor = numpy_helper.from_array(np.asarray(value), name)
+    for init in model.graph.initializer:
+        if init.name == name:
+            init.CopyFrom(tensor)
+            return True
+    inits = {i.name for i in model.graph.initializer}
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "Identity" and node.output[0] == name and node.input[0] in inits:
+            del model.graph.node[i]
+            model.graph.initializer.append(tensor)
+            return True
+    return False
+
+
 def set_graph_scale(path: Path, inv_scale: float) -> None:
     """Rewrite the ``inv_scale`` constant (1 / raw_scale) of an exported scoring graph."""
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(path))
-    for init in model.graph.initializer:
-        if init.name == "inv_scale":
-            init.CopyFrom(numpy_helper.from_array(np.array(inv_scale, np.float32), "inv_scale"))
-            onnx.save(model, str(path))
-            return
-    raise ValueError(f"{path} has no inv_scale constant")
+    if not _set_constant(model, "inv_scale", np.array(inv_scale, np.float32)):
+        raise ValueError(f"{path} has no inv_scale constant")
+    onnx.save(model, str(path))
 
 
 def _bank_matmul_input(model: Any) -> str:
@@ -304,6 +330,103 @@ def _bank_matmul_input(model: Any) -> str:
     raise ValueError("the graph has no MatMul with the memory bank")
 
 
+@dataclass(frozen=True)
+class _GaussianChain:
+    """Tensor names of the image-level Gaussian branch of a scoring graph."""
+
+    pooled: str  # image-pooled features [N, Dg], the input of ``- g_mean``
+    distance: str  # Mahalanobis distance [N], the ``Sqrt`` output
+    gain_node: str | None  # the ``Mul`` by the gain (None if an optimizer folded a gain of 1)
+    add_node: str  # ``patch score + gain x distance``
+    patch_score: str  # the patch term [N], the other input of that ``Add``
+
+
+def _gaussian_chain(model: Any) -> _GaussianChain | None:
+    """Find ``sqrt(sum(((pooled - g_mean) @ g_whiten)^2)) -> [x gain] -> + patch score``."""
+    consumers: dict[str, list[Any]] = {}
+    for n in model.graph.node:
+        for i in dict.fromkeys(n.input):  # x * x consumes x once
+            consumers.setdefault(i, []).append(n)
+    sub = next(
+        (n for n in model.graph.node if n.op_type == "Sub" and list(n.input[1:]) == ["g_mean"]),
+        None,
+    )
+    if sub is None:
+        return None
+    node = sub
+    while node.op_type != "Sqrt":  # Sub -> MatMul(g_whiten) -> Mul (square) -> ReduceSum -> Sqrt
+        nxt = consumers.get(node.output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type not in {"MatMul", "Mul", "ReduceSum", "Sqrt"}:
+            raise ValueError("unexpected image-level Gaussian branch after g_mean")
+        node = nxt[0]
+    dist = str(node.output[0])
+    (user,) = consumers[dist]
+    gain_node = None
+    if user.op_type == "Mul":
+        gain_node = user
+        (user,) = consumers[user.output[0]]
+    if user.op_type != "Add":
+        raise ValueError(f"the Gaussian term feeds a {user.op_type}, not the score's Add")
+    term = gain_node.output[0] if gain_node is not None else dist
+    other = [i for i in user.input if i != term]
+    if len(other) != 1:
+        raise ValueError("the score's Add has no patch-score input")
+    return _GaussianChain(
+        pooled=str(sub.input[0]),
+        distance=dist,
+        gain_node=None if gain_node is None else str(gain_node.name),
+        add_node=str(user.name),
+        patch_score=str(other[0]),
+    )
+
+
+@dataclass(frozen=True)
+class GraphFeatures:
+    """Intermediate tensors of a scoring graph, read from the graph itself (see
+    :func:`graph_features`)."""
+
+    #: Patch features [N * P, D], the bank product's query input.
+    patches: npt.NDArray[np.float32]
+    #: Image-pooled features [N, Dg] of the Gaussian branch (None without one).
+    pooled: npt.NDArray[np.float32] | None
+    #: The patch term of the raw image score [N], before the Gaussian term (None without one).
+    patch_score: npt.NDArray[np.float32] | None
+
+
+def graph_features(path: Path, batch: npt.NDArray[np.float32], threads: int = 2) -> GraphFeatures:
+    """Patch features, pooled features and patch scores as a scoring graph computes them.
+
+    One pass: the tensors are added as extra outputs of the graph. Run on the INT8 graph, this
+    gives what the quantized backbone really produces, so the INT8 graph's memory bank and
+    Gaussian can be refitted on it (:func:`set_bank`, :func:`set_gaussian`).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(path))
+    chain = _gaussian_chain(model)
+    names = [_bank_matmul_input(model)]
+    if chain is not None:
+        names += [chain.pooled, chain.patch_score]
+    for name in names:
+        model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    outs = [sess.run(names, {INPUT_NAME: batch[i : i + 8]}) for i in range(0, len(batch), 8)]
+
+    def cat(j: int) -> npt.NDArray[np.float32]:
+        return np.ascontiguousarray(np.concatenate([o[j] for o in outs]), dtype=np.float32)
+
+    feats = cat(0)
+    return GraphFeatures(
+        patches=feats.reshape(-1, feats.shape[-1]),
+        pooled=None if chain is None else cat(1).reshape(len(batch), -1),
+        patch_score=None if chain is None else cat(2).reshape(len(batch)),
+    )
+
+
 def patch_features(
     path: Path, batch: npt.NDArray[np.float32], threads: int = 2
 ) -> npt.NDArray[np.float32]:
@@ -312,19 +435,78 @@ def patch_features(
     Run on the INT8 graph, this gives the features the quantized backbone really produces,
     so the INT8 graph's memory bank can be rebuilt from them (see ``set_bank``).
     """
+    return graph_features(path, batch, threads).patches
+
+
+def mahalanobis(
+    pooled: npt.NDArray[np.floating[Any]],
+    mean: npt.NDArray[np.floating[Any]],
+    whiten: npt.NDArray[np.floating[Any]],
+) -> npt.NDArray[np.float64]:
+    """``|(pooled - mean) @ whiten|`` per row, as the graph computes it (in float64)."""
+    z = (np.asarray(pooled, np.float64) - mean) @ np.asarray(whiten, np.float64)
+    return np.asarray(np.sqrt((z * z).sum(axis=1)), dtype=np.float64)
+
+
+def set_gaussian(
+    path: Path,
+    mean: npt.NDArray[np.floating[Any]],
+    whiten: npt.NDArray[np.floating[Any]],
+    gain: float,
+) -> None:
+    """Replace the image-level Gaussian's constants of a scoring graph (FP32 or INT8).
+
+    ``mean`` [Dg] and ``whiten`` [Dg, Dg] (Cholesky factor of the precision) replace ``g_mean``
+    and ``g_whiten``; ``gain`` becomes the factor of the Mahalanobis distance in the score. The
+    gain gets a constant of its own (``g_gain``) even where the exporter shared one with an
+    equal constant or an optimizer folded a gain of 1 away.
+    """
     import onnx
-    import onnxruntime as ort
+    from onnx import numpy_helper
 
     model = onnx.load(str(path))
-    feat = _bank_matmul_input(model)
-    model.graph.output.append(onnx.helper.make_empty_tensor_value_info(feat))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    out = [sess.run([feat], {INPUT_NAME: batch[i : i + 8]})[0] for i in range(0, len(batch), 8)]
-    feats = np.concatenate(out)
-    return np.ascontiguousarray(feats.reshape(-1, feats.shape[-1]), dtype=np.float32)
+    chain = _gaussian_chain(model)
+    if chain is None:
+        raise ValueError(f"{path} has no image-level Gaussian branch (no g_mean constant)")
+    inits = {i.name: i for i in model.graph.initializer}
+    old = numpy_helper.to_array(inits["g_mean"]) if "g_mean" in inits else None
+    mean = np.asarray(mean, np.float32)
+    whiten = np.asarray(whiten, np.float32)
+    dim = mean.shape[0] if mean.ndim == 1 else -1
+    if old is None or old.shape != mean.shape or whiten.shape != (dim, dim):
+        raise ValueError(
+            f"Gaussian of shape {mean.shape}, {whiten.shape} does not fit {path} "
+            f"(g_mean {None if old is None else old.shape})"
+        )
+    for name, value in (("g_mean", mean), ("g_whiten", whiten)):
+        if not _set_constant(model, name, value):
+            raise ValueError(f"{path} has no {name} constant")
+    gain_name = "g_gain"
+    gain_init = numpy_helper.from_array(np.array(gain, np.float32), gain_name)
+    if gain_name in inits:
+        inits[gain_name].CopyFrom(gain_init)
+    else:
+        model.graph.initializer.append(gain_init)
+    nodes = list(model.graph.node)
+    if chain.gain_node is not None:
+        mul = next(n for n in nodes if n.name == chain.gain_node)
+        keep = [i for i in mul.input if i != chain.distance]
+        if len(keep) != 1:
+            raise ValueError("the Gaussian gain Mul has no constant input")
+        mul.input[list(mul.input).index(keep[0])] = gain_name
+    else:  # a gain of 1 was folded away: put the Mul back, just before the Add
+        add = next(n for n in nodes if n.name == chain.add_node)
+        term = chain.distance + "_gained"
+        mul = onnx.helper.make_node("Mul", [chain.distance, gain_name], [term], name="/g_gain_Mul")
+        add.input[list(add.input).index(chain.distance)] = term
+        pos = nodes.index(add)
+        model.graph.node.insert(pos, mul)
+    # drop an Identity that still defines g_gain (the name now has an initializer)
+    for i, n in enumerate(model.graph.node):
+        if n.op_type == "Identity" and n.output[0] == gain_name:
+            del model.graph.node[i]
+            break
+    onnx.save(model, str(path))
 
 
 def _quantize_bank(
@@ -402,13 +584,17 @@ def quantized_op_types(path: Path) -> dict[str, int]:
 __all__: Sequence[str] = (
     "BACKBONE_SCOPE",
     "QUANTIZED_OPS",
+    "GraphFeatures",
     "Int8Settings",
     "backbone_nodes",
     "calibrate",
+    "graph_features",
+    "mahalanobis",
     "nodes_to_quantize",
     "patch_features",
     "quantize_int8",
     "quantized_op_types",
     "set_bank",
+    "set_gaussian",
     "set_graph_scale",
 )

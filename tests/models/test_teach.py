@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -78,6 +79,11 @@ def test_package_loads_and_counts_bad_files(package: Path) -> None:
         # the image-level Gaussian branch is on by default, its gain fitted on held-out goods
         assert m.method["global_stages"] == [3, 4, 5, 6]
         assert m.method["global_fit"]["gain"] > 0
+        # ... and refitted on the INT8 graph's own pooled features for the INT8 graph
+        assert m.metrics["int8_quantization"]["gaussian"] == "refit"
+        assert m.metrics["int8_global_fit"]["gain"] > 0
+        assert m.method["projection_dim"] == 0
+        assert m.method["feature_dim"] == m.method["patch_dim"]
         images = m.method["images"]
         assert images["skipped"] == {"empty file": 1, "not a decodable image": 1}
         assert images["converted"]["gray to rgb"] == 1
@@ -146,6 +152,40 @@ def test_defective_parts_score_above_good_ones(blobs: Path, tmp_path: Path) -> N
         print(f"blobs {graph} image AUROC {auroc:.3f}")
         assert auroc > 0.9, graph
         assert np.mean(scores[labels] > 1.0) > 0.5, graph  # most defects flagged at 1.0
+
+
+@pytest.mark.slow
+def test_projected_features_teach_and_still_detect(blobs: Path, tmp_path: Path) -> None:
+    from sklearn.metrics import roc_auc_score
+
+    settings = replace(SMALL, projection_dim=32, fp16=False)
+    out = teach(
+        blobs, tmp_path / "pkg", name="p", version="0.1.0", settings=settings, progress=False
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    method = manifest["method"]
+    assert method["projection_dim"] == 32
+    assert method["feature_dim"] == 32  # the bank is stored projected
+    assert method["patch_dim"] > 32
+    assert manifest["metrics"]["parity"]["fp32_vs_torch_max_abs"] < 1e-3
+    for graph in ("fp32", "int8"):
+        labels, scores = _scores(out, blobs, graph)
+        auroc = roc_auc_score(labels, scores)
+        print(f"blobs, projection 32, {graph} image AUROC {auroc:.3f}")
+        assert auroc > 0.9, graph
+
+
+def test_bad_projection_dim_is_refused_before_fitting(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="projection_dim must be >= 0"):
+        TeachSettings(projection_dim=-1)
+    data = _flat_folder(tmp_path / "flat", 12)
+    with pytest.raises(TeachError, match="projection_dim 5000 exceeds"):
+        teach(
+            data,
+            tmp_path / "pkg",
+            settings=replace(SMALL, projection_dim=5000),
+            progress=False,
+        )
 
 
 @pytest.mark.slow
