@@ -43,6 +43,7 @@ from edge.events import EventBus
 from edge.pipeline import (
     InspectionResult,
     ModelState,
+    PartInFlight,
     Pipeline,
     decision_settings,
     load_model,
@@ -495,9 +496,10 @@ class Appliance:
     def _loop_alive(self) -> None:
         self._loop_beat = time.monotonic()
 
-    def _on_plc_trigger(self, part_id: int) -> Callable[[], Verdict]:
+    def _on_plc_trigger(self, part_id: int) -> _PartStep:
         """PLC worker: grab the part's frame now; the PLC's inspection thread runs the
-        returned step, so the next part's frame is grabbed while this one is inspected."""
+        returned step, so the next part's frame is grabbed while this one is inspected
+        (and, when parts queue up, its inference starts before this one is reported)."""
         with self._inflight_cv:
             self._inflight += 1
         try:
@@ -505,7 +507,7 @@ class Appliance:
         except BaseException:
             self._part_done()
             raise
-        return lambda: self._inspect_grabbed(grabbed)
+        return _PartStep(self, grabbed)
 
     def trigger(self, part_id: int) -> Verdict:
         """Triggered mode: take one frame for ``part_id`` and inspect it (returns when done)."""
@@ -530,12 +532,6 @@ class Appliance:
                 trigger_id=part_id,
                 capture_time=t0,
             )
-
-    def _inspect_grabbed(self, grabbed: Frame | Verdict) -> Verdict:
-        try:
-            return grabbed if isinstance(grabbed, Verdict) else self.pipeline.inspect(grabbed)
-        finally:
-            self._part_done()
 
     def _part_done(self) -> None:
         with self._inflight_cv:
@@ -884,3 +880,40 @@ def verdict_counts(pipeline: Pipeline) -> dict[str, int]:
         VerdictCode.NG.name: st.ng,
         VerdictCode.ERROR.name: st.error,
     }
+
+
+class _PartStep:
+    """One triggered part's inspection in two halves (a :class:`plc.service.TwoPhaseStep`).
+
+    ``begin`` preprocesses the grabbed frame and starts (or queues) its
+    inference; ``finish`` waits for it, decides, commits and reports. The PLC's
+    inspection thread begins the next waiting part before finishing this one;
+    calling the step runs both halves in order.
+    """
+
+    def __init__(self, app: Appliance, grabbed: Frame | Verdict) -> None:
+        self._app = app
+        self._grabbed = grabbed
+        self._part: PartInFlight | None = None
+        self._done = False
+
+    def begin(self) -> None:
+        if isinstance(self._grabbed, Frame) and self._part is None:
+            self._part = self._app.pipeline.begin(self._grabbed)
+
+    def finish(self) -> Verdict:
+        try:
+            if isinstance(self._grabbed, Verdict):  # no frame: already an ERROR, reported
+                return self._grabbed
+            if self._part is None:
+                self.begin()
+            assert self._part is not None
+            return self._app.pipeline.finish(self._part)
+        finally:
+            if not self._done:
+                self._done = True
+                self._app._part_done()
+
+    def __call__(self) -> Verdict:
+        self.begin()
+        return self.finish()

@@ -7,7 +7,12 @@ Threads (all daemons, all stopped by :meth:`PlcService.stop`):
 * ``plc-worker``: calls the app's ``on_trigger(part_id)`` in trigger order;
   it should only grab the part's frame. When it returns a callable (the rest
   of the work: inspect that frame), ``plc-inspect`` runs it, in trigger
-  order, so the next trigger's frame is grabbed while this part is inspected;
+  order, so the next trigger's frame is grabbed while this part is inspected.
+  A step that is a :class:`TwoPhaseStep` (``begin()`` starts the inference,
+  ``finish()`` decides and reports) is overlapped when parts queue up: the
+  next waiting step is begun (its inference queued behind this one's) before
+  this one is finished, so deciding, storing and reporting a part never hold
+  up the next part's inference;
 * ``plc-recipe``: calls the app's ``on_recipe(recipe_id)`` (model loads take
   seconds; a handler that never returns fails the change at
   ``plc.recipe_timeout_ms`` and wedges nothing else);
@@ -32,7 +37,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast, runtime_checkable
 
 from edge.events import EventBus
 from edge.types import Severity, StatusEvent, Verdict
@@ -40,7 +45,7 @@ from plc.config import PlcConfig
 from plc.handshake import Effects, EventSpec, Handshake, RecipeResult
 from plc.registers import CommandResult, FaultCode
 
-__all__ = ["FaultCode", "PlcService", "RecipeResult"]
+__all__ = ["FaultCode", "PlcService", "RecipeResult", "TwoPhaseStep"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,19 @@ _STOP = object()
 
 TriggerHandler = Callable[[int], Callable[[], object] | None]
 """``on_trigger(part_id)``: grab the part's frame; may return the rest of the work."""
+
+
+@runtime_checkable
+class TwoPhaseStep(Protocol):
+    """The rest of a part's work in two halves (``step()`` is both, in order)."""
+
+    def __call__(self) -> object: ...
+
+    def begin(self) -> None:
+        """Start the part's inference (returns while it runs)."""
+
+    def finish(self) -> object:
+        """Wait for it, decide, store and report the part."""
 
 
 class PlcService:
@@ -237,14 +255,48 @@ class PlcService:
             self._inspect.put(_STOP)  # after every step already queued
 
     def _inspector(self) -> None:
+        """Run the steps in trigger order; overlap two-phase steps when parts queue up."""
+        begun: TwoPhaseStep | None = None  # begun, not yet finished
         while True:
-            step = self._inspect.get()
+            step = self._inspect.get() if begun is None else self._next_waiting()
             if step is _STOP:
+                if begun is not None:
+                    self._run(begun.finish)
                 return
-            try:
-                cast(Callable[[], object], step)()
-            except Exception:
-                log.exception("inspection step failed; the part gets an ERROR at its deadline")
+            if step is None:  # nothing waiting: finish the begun part at once
+                assert begun is not None
+                self._run(begun.finish)
+                begun = None
+                continue
+            if not isinstance(step, TwoPhaseStep):
+                if begun is not None:
+                    self._run(begun.finish)
+                    begun = None
+                self._run(cast(Callable[[], object], step))
+                continue
+            started = self._run(step.begin)
+            if begun is not None:
+                self._run(begun.finish)  # while ``step``'s inference runs
+                begun = None
+            if started:
+                begun = step
+            else:  # its finish reports what it can (or the deadline gives an ERROR)
+                self._run(step.finish)
+
+    def _next_waiting(self) -> object:
+        try:
+            return self._inspect.get_nowait()
+        except queue.Empty:
+            return None
+
+    @staticmethod
+    def _run(fn: Callable[[], object]) -> bool:
+        try:
+            fn()
+        except Exception:
+            log.exception("inspection step failed; the part gets an ERROR at its deadline")
+            return False
+        return True
 
     def _recipe_worker(self) -> None:
         while True:

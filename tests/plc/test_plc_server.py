@@ -25,7 +25,7 @@ from plc.registers import (
     ResultError,
     StatusBit,
 )
-from plc.service import PlcService, RecipeResult
+from plc.service import PlcService, RecipeResult, TwoPhaseStep
 from tests.conftest import free_tcp_port
 from tests.plc.plc_helpers import Appliance, Inspector, PlcClient
 
@@ -516,4 +516,63 @@ def test_next_frame_is_grabbed_while_the_previous_part_is_inspected(
         assert inspected == [1, 2]
     finally:
         first_may_finish.set()
+        svc.stop()
+
+
+def test_queued_parts_overlap_the_next_inference_with_reporting_the_previous(
+    plc_client: MakeClient,
+) -> None:
+    """Two-phase steps: with parts waiting, N+1 is begun before N is finished, in order."""
+    from edge.events import EventBus
+    from edge.types import Verdict
+
+    order: list[str] = []
+    first_may_begin = threading.Event()
+    holder: dict[str, PlcService] = {}
+
+    class Step:
+        def __init__(self, part_id: int) -> None:
+            self.part_id = part_id
+
+        def begin(self) -> None:
+            if self.part_id == 1:
+                first_may_begin.wait(30)  # parts 2 and 3 queue up meanwhile
+            order.append(f"begin {self.part_id}")
+
+        def finish(self) -> object:
+            order.append(f"finish {self.part_id}")
+            verdict = Verdict(
+                inspection_id=self.part_id,
+                frame_sequence=self.part_id,
+                source_id="t",
+                trigger_id=self.part_id,
+                code=VerdictCode.OK,
+                score=0.1,
+                threshold=0.5,
+            )
+            holder["svc"].on_verdict(verdict)
+            return verdict
+
+        def __call__(self) -> object:
+            self.begin()
+            return self.finish()
+
+    assert isinstance(Step(0), TwoPhaseStep)
+    cfg = PlcConfig(enabled=True, port=free_tcp_port(), heartbeat_timeout_ms=60000)
+    svc = PlcService(cfg, EventBus(), Step)
+    holder["svc"] = svc
+    svc.start()
+    try:
+        svc.heartbeat_ok()
+        plc = plc_client(cfg.port)
+        plc.wait(lambda s: bool(s.status & StatusBit.READY), timeout_s=10)
+        for part in (1, 2, 3):
+            plc.trigger(part)
+        plc.wait(lambda s: s.in_flight == 3, timeout_s=10)
+        first_may_begin.set()
+        assert [plc.take_result(timeout_s=10).part_id for _ in range(3)] == [1, 2, 3]
+        # each waiting part's inference starts before the previous part is reported
+        assert order == ["begin 1", "begin 2", "finish 1", "begin 3", "finish 2", "finish 3"]
+    finally:
+        first_may_begin.set()
         svc.stop()
