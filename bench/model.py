@@ -39,6 +39,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--global-stages", help="stages pooled for the image-level Gaussian, e.g. 3,4,5,6; 'none'"
     )
     p.add_argument("--global-weight", type=float, help="weight of the Gaussian term")
+    p.add_argument(
+        "--projection-dim", type=int, help="project patch features to this many dims (0 = off)"
+    )
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 export")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 graph (FP32 only)")
     return p.parse_args(argv)
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "blur_sigma_cells": args.blur_sigma,
         "global_stages": _stages(args.global_stages),
         "global_weight": args.global_weight,
+        "projection_dim": args.projection_dim,
     }
     s = replace(s, **{k: v for k, v in over.items() if v is not None})
     if args.no_fp16:
