@@ -296,6 +296,8 @@ def fit_int8(
         candidate_limit=s.coreset_candidates,
     )
     set_bank(int8_path, bank.numpy())
+    if fit.pooled is None and s.global_stages:
+        raise TeachError(f"{int8_path}: the image-level Gaussian branch was not found")
     if fit.pooled is None or int8.gaussian != "refit":
         return {}
     gaussian = GlobalGaussian.fit(torch.from_numpy(fit.pooled))
