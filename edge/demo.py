@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 DEMO_NAME = "demo-part"
 DEMO_VERSION = "1.0.0"
 DEMO_SEED = 7
-DEMO_GOOD_IMAGES = 40
+DEMO_GOOD_IMAGES = 60
 DEMO_SIZE_PX = 256
 DEMO_RECIPE = 4
 """Bump when the demo's teaching recipe changes, so cached models are retaught."""
@@ -51,11 +51,19 @@ def demo_teach_settings() -> dict[str, Any]:
     smaller memory bank and coreset search, few calibration images, no fp16 graph.
     """
     return {
-        "bank_size": 600,
+        # stride-8 features of stages 2 and 3, a 3 x 3 neighbourhood and the mean of the 3
+        # highest cells: a bolt-sized defect fills a cell (the shipped stride-16 default
+        # averages it away on this part; docs/model-method.md, "Synthetic line")
+        "stages": (2, 3),
+        "grid_stride": 8,
+        "neighbourhood": 3,
+        "top_k": 3,
+        "global_stages": (),
+        "bank_size": 1000,
         "coreset_candidates": 12_000,
         "calibration_images": 16,
         "fp16": False,
-        "holdout_fraction": 0.15,
+        "holdout_fraction": 0.3,
         "min_holdout": 6,
         "seed": DEMO_SEED,
     }
