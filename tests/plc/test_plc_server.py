@@ -14,7 +14,7 @@ import pytest
 from pymodbus.client import ModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from edge.types import StatusEvent, VerdictCode
+from edge.types import StatusEvent, Verdict, VerdictCode
 from plc.config import PlcConfig
 from plc.registers import (
     MAP_SIZE,
@@ -461,12 +461,24 @@ def test_verdict_without_trigger_is_dropped(
     assert app.service.status()["counters"]["late_verdicts"] == 1
 
 
+def _ok_verdict(part_id: int) -> Verdict:
+    """An OK verdict for ``part_id`` (the stand-in inspections below report these)."""
+    return Verdict(
+        inspection_id=part_id,
+        frame_sequence=part_id,
+        source_id="t",
+        trigger_id=part_id,
+        code=VerdictCode.OK,
+        score=0.1,
+        threshold=0.5,
+    )
+
+
 def test_next_frame_is_grabbed_while_the_previous_part_is_inspected(
     plc_client: MakeClient,
 ) -> None:
     """on_trigger grabs; the step it returns inspects on another thread, in trigger order."""
     from edge.events import EventBus
-    from edge.types import Verdict
 
     grabbed: list[int] = []
     inspected: list[int] = []
@@ -480,17 +492,7 @@ def test_next_frame_is_grabbed_while_the_previous_part_is_inspected(
             if part_id == 1:
                 first_may_finish.wait(30)
             inspected.append(part_id)
-            holder["svc"].on_verdict(
-                Verdict(
-                    inspection_id=part_id,
-                    frame_sequence=part_id,
-                    source_id="t",
-                    trigger_id=part_id,
-                    code=VerdictCode.OK,
-                    score=0.1,
-                    threshold=0.5,
-                )
-            )
+            holder["svc"].on_verdict(_ok_verdict(part_id))
 
         return inspect
 
@@ -524,7 +526,6 @@ def test_queued_parts_overlap_the_next_inference_with_reporting_the_previous(
 ) -> None:
     """Two-phase steps: with parts waiting, N+1 is begun before N is finished, in order."""
     from edge.events import EventBus
-    from edge.types import Verdict
 
     order: list[str] = []
     first_may_begin = threading.Event()
@@ -541,15 +542,7 @@ def test_queued_parts_overlap_the_next_inference_with_reporting_the_previous(
 
         def finish(self) -> object:
             order.append(f"finish {self.part_id}")
-            verdict = Verdict(
-                inspection_id=self.part_id,
-                frame_sequence=self.part_id,
-                source_id="t",
-                trigger_id=self.part_id,
-                code=VerdictCode.OK,
-                score=0.1,
-                threshold=0.5,
-            )
+            verdict = _ok_verdict(self.part_id)
             holder["svc"].on_verdict(verdict)
             return verdict
 
