@@ -429,7 +429,6 @@ def test_port_in_use_is_a_clear_error() -> None:
 def test_verdict_without_trigger_is_dropped(
     make_appliance: MakeApp, plc_client: MakeClient
 ) -> None:
-    from edge.types import Verdict
 
     app = make_appliance()
     plc = plc_client(app.cfg.port)
