@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_SIZE = 256 * 1024
 TERMINAL = frozenset({"done", "failed", "refused", "rolled_back", "cancelled"})
+# A stage device that has published nothing for the release this long gets it again.
+REASSIGN_S = 10.0
 
 
 class ReleaseStore:
@@ -318,11 +320,18 @@ class RolloutController:
         with self._cond:
             return sorted(d for d, s in self.devices.items() if group in ("*", s.group))
 
-    def _assign(self, release: SignedRelease, device: str) -> None:
+    def _assign(self, release: SignedRelease, device: str) -> bool:
+        """Publish the retained install command; False when the link could not take it."""
         cmd = ReleaseCommand(
             action="install", release_id=release.manifest.release_id, release=release
         )
-        self.link.publish(Topics(self.prefix, device).release, cmd.to_bytes(), qos=1, retain=True)
+        topic = Topics(self.prefix, device).release
+        return self.link.publish(topic, cmd.to_bytes(), qos=1, retain=True) is not None
+
+    def _heard_from(self, device: str, release_id: str) -> bool:
+        """Whether ``device`` has published any status for ``release_id`` (caller holds _cond)."""
+        st = self.status.get(device)
+        return st is not None and st.release_id == release_id
 
     def cancel(self, release_id: str, devices: Sequence[str]) -> int:
         """Send a retained cancel to devices that have not finished; returns how many."""
@@ -342,14 +351,31 @@ class RolloutController:
         self, release: SignedRelease, name: str, devices: list[str], timeout_s: float
     ) -> dict[str, object]:
         rid = release.manifest.release_id
-        for d in devices:
-            self.store.record(rid, d, name, "assigned", "")
-            self._assign(release, d)
         deadline = time.monotonic() + timeout_s
         t0 = time.monotonic()
+        # When the assignment was last handed to the link, per device; None = not yet. A
+        # device that has not answered in ``REASSIGN_S`` gets the (idempotent, retained)
+        # command again: a broker restart or a dropped connection must not turn into a
+        # device silently left out of the rollout.
+        sent: dict[str, float | None] = {}
+        for d in devices:
+            self.store.record(rid, d, name, "assigned", "")
+            sent[d] = time.monotonic() if self._assign(release, d) else None
         recorded: dict[str, str] = {}
         finished: dict[str, UpdateStatus] = {}  # sticky: a final status is final
         while True:
+            now = time.monotonic()
+            with self._cond:
+                resend = [
+                    d
+                    for d, at in sent.items()
+                    if not self._heard_from(d, rid) and (at is None or now - at >= REASSIGN_S)
+                ]
+            for d in resend:
+                if self._assign(release, d):
+                    if sent[d] is not None:
+                        log.info("rollout %s: no answer from %s yet; assignment re-sent", rid, d)
+                    sent[d] = now
             with self._cond:
                 for d in devices:
                     st = self.status.get(d)

@@ -394,6 +394,8 @@ def rig(broker: Broker, tmp_path: Path, packages: Packages) -> Iterator[Rig]:
         chunks.stop()
         rollout.stop()
         releases.close()
+        # pytest shows captured output only for a failing test: the broker's side of it
+        print("mosquitto log (tail):\n" + broker.log_text()[-6000:])
 
 
 def active(agent: Agent) -> str | None:

@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from cloud_sync.fleet import RolloutResult
 from cloud_sync.slots import SlotStore, slot_name_for
 from cloud_sync.topics import ReleaseManifest, RolloutSettings
 from cloud_sync.updates import sign_release
@@ -198,6 +200,30 @@ def test_broker_killed_mid_transfer_resumes_by_chunk_index(rig: Rig) -> None:
     # resumed by chunk index: nothing held before the outage was fetched again
     assert served_after
     assert not held & set(served_after)
+
+
+@pytest.mark.slow
+def test_rollout_started_while_the_broker_is_down_still_reaches_every_device(rig: Rig) -> None:
+    """An assignment the link could not take is sent again once it reconnects."""
+    for d in ("dev-x", "dev-y"):
+        rig.add_agent(d, **HEALTH_FAST)
+    rel = rig.release("1.1.0", rollout=RolloutSettings(canary_share=0.5, stage_timeout_s=60))
+    rig.broker.kill()
+    wait_until(lambda: not rig.rollout.link.connected, 20, "the controller's disconnect")
+    out: list[RolloutResult] = []
+    t = threading.Thread(
+        target=lambda: out.append(rig.rollout.rollout(rel, devices=["dev-x", "dev-y"]))
+    )
+    t.start()
+    time.sleep(1.0)  # the canary assignment finds no connection
+    rig.broker.start()
+    t.join(90)
+    assert out, "rollout did not return"
+    res = out[0]
+    assert res.status == "completed", res.to_json()
+    assert [s["done"] for s in res.stages] == [1, 1]
+    for a in rig.agents.values():
+        assert active(a) == "1.1.0"
 
 
 def _agent_yaml(rig: Rig, device: str) -> Path:
