@@ -25,7 +25,18 @@ OUTPUT_NAMES = ("score", "anomaly_map")
 
 #: Ops kept in float32 in the FP16 graph: the nearest-neighbour distance part, where a
 #: difference of large squared norms loses too much precision in half floats.
-FP16_FLOAT_OPS = ["MatMul", "ReduceMin", "Sqrt", "Sub", "Add", "Mul", "ReduceSum", "Max", "Clip"]
+FP16_FLOAT_OPS = [
+    "MatMul",
+    "ReduceMin",
+    "ReduceMax",
+    "Sqrt",
+    "Sub",
+    "Add",
+    "Mul",
+    "ReduceSum",
+    "Max",
+    "Clip",
+]
 
 
 def export_fp32(graph: PatchCoreGraph, path: Path) -> Path:

@@ -191,7 +191,7 @@ class PatchCoreGraph(nn.Module):
     """The whole scoring graph: image -> (normalised score [N], anomaly map [N, H, W])."""
 
     bank_t: torch.Tensor
-    bank_sq: torch.Tensor
+    bank_bias: torch.Tensor
     proj: torch.Tensor
     blur_rows: torch.Tensor
     blur_cols_t: torch.Tensor
@@ -234,7 +234,8 @@ class PatchCoreGraph(nn.Module):
         if bank.ndim != 2 or bank.shape[1] != want:
             raise ValueError(f"bank of shape {tuple(bank.shape)}, expected [M, {want}]")
         self.register_buffer("bank_t", bank.t().contiguous().float())
-        self.register_buffer("bank_sq", (bank.float() ** 2).sum(1))
+        # -|b|^2 / 2 per entry: the nearest entry maximises q.b - |b|^2 / 2 (see branches)
+        self.register_buffer("bank_bias", -0.5 * (bank.float() ** 2).sum(1))
         gh, gw = cfg.grid_hw
         self.register_buffer("blur_rows", _gauss_matrix(gh, cfg.blur_sigma_cells))
         self.register_buffer(
@@ -287,9 +288,11 @@ class PatchCoreGraph(nn.Module):
         q = feat.flatten(2).transpose(1, 2)  # [N, P, D]
         if self.has_projection:
             q = torch.matmul(q, self.proj)  # [N, P, d]
-        sq = (q * q).sum(-1, keepdim=True)  # [N, P, 1]
-        d2 = sq - 2.0 * torch.matmul(q, self.bank_t) + self.bank_sq  # [N, P, M]
-        dist = torch.sqrt(torch.clamp(d2.min(dim=-1).values, min=0.0)).reshape(n, gh, gw)
+        # |q - b|^2 = |q|^2 - 2 (q.b - |b|^2 / 2): only one element-wise op (the bias add) runs
+        # over the [N, P, M] product, and |q|^2 is added after the reduction (per patch)
+        best = (torch.matmul(q, self.bank_t) + self.bank_bias).max(dim=-1).values  # [N, P]
+        d2 = (q * q).sum(-1) - 2.0 * best
+        dist = torch.sqrt(torch.clamp(d2, min=0.0)).reshape(n, gh, gw)
         return torch.matmul(torch.matmul(self.blur_rows, dist), self.blur_cols_t), gdist
 
     def patch_score(self, grid_map: torch.Tensor) -> torch.Tensor:

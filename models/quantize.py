@@ -59,6 +59,8 @@ QUANTIZED_OPS = ("Conv", "Clip", "Add", "Relu")
 BACKBONE_SCOPE = "/trunk/"
 #: The bank product ``q . bank`` (``MatMul`` with the constant ``bank_t``).
 BANK_NAME = "bank_t"
+#: ``-|b|^2 / 2`` per bank entry, added to the bank product before the max over entries.
+BANK_BIAS_NAME = "bank_bias"
 
 _METHODS = {
     "minmax": CalibrationMethod.MinMax,
@@ -520,10 +522,11 @@ def _quantize_bank(
 
 
 def set_bank(path: Path, bank: npt.NDArray[np.float32]) -> None:
-    """Replace the memory bank constants (``bank_t``, ``bank_sq``) of a scoring graph.
+    """Replace the memory bank constants (``bank_t``, ``bank_bias``) of a scoring graph.
 
-    A quantized bank (``bank="int8"``) is re-quantized with the same layout; ``bank_sq`` is then
-    computed from the dequantized entries, so ``|q|^2 - 2 q.b + |b|^2`` stays consistent.
+    A quantized bank (``bank="int8"``) is re-quantized with the same layout; ``bank_bias``
+    (``-|b|^2 / 2``) is then computed from the dequantized entries, so
+    ``|q|^2 - 2 (q.b - |b|^2 / 2)`` stays the squared distance to what the graph multiplies.
     """
     import onnx
     from onnx import numpy_helper
@@ -551,16 +554,16 @@ def set_bank(path: Path, bank: npt.NDArray[np.float32]) -> None:
             if len(dq.input) > 2 and dq.input[2]:
                 new[dq.input[2]] = np.zeros(scale.shape, dtype)
             deq = codes.astype(np.float32) * scale
-    new["bank_sq"] = (deq.astype(np.float32) ** 2).sum(0).astype(np.float32)
+    new[BANK_BIAS_NAME] = (-0.5 * (deq.astype(np.float32) ** 2).sum(0)).astype(np.float32)
     done = set()
     for init in model.graph.initializer:
         if init.name in new:
             init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
             done.add(init.name)
     if BANK_NAME not in done and not any(n.startswith(BANK_NAME) for n in done):
-        raise ValueError(f"{path} lacks bank constants {[BANK_NAME, 'bank_sq']}")
-    if "bank_sq" not in done:
-        raise ValueError(f"{path} lacks bank constants ['bank_sq']")
+        raise ValueError(f"{path} lacks bank constants {[BANK_NAME, BANK_BIAS_NAME]}")
+    if BANK_BIAS_NAME not in done:
+        raise ValueError(f"{path} lacks bank constants [{BANK_BIAS_NAME!r}]")
     del model.graph.value_info[:]  # inferred shapes may name the old bank size
     onnx.save(model, str(path))
 
