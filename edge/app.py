@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -195,6 +196,9 @@ class Appliance:
         """Start every part in order; on a failure, stop what started and raise."""
         cfg = self._cfg
         self._started_unix = time.time()
+        switch = sys.getswitchinterval()
+        sys.setswitchinterval(cfg.pipeline.python_switch_interval_ms / 1000.0)
+        self._stopped_parts.append(("switch interval", lambda: sys.setswitchinterval(switch)))
         try:
             self.store.start()
             self._started(

@@ -113,6 +113,16 @@ class PipelineConfig(StrictModel):
         title="Max regions",
         description="Largest number of defect regions reported.",
     )
+    python_switch_interval_ms: float = Field(
+        0.5,
+        ge=0.05,
+        le=50.0,
+        title="Python switch interval (ms)",
+        description="How long a Python thread may keep the interpreter while another is "
+        "ready (sys.setswitchinterval; Python's default is 5 ms): the inspection thread "
+        "returning from the backend waits at most this long behind the Modbus server, the "
+        "panel or the uplink. Set for the whole process while the appliance runs.",
+    )
 
 
 class StoreConfig(StrictModel):

@@ -40,7 +40,9 @@ class OnnxRuntimeBackendConfig(StrictModel):
         ge=0,
         le=256,
         title="Intra-op threads",
-        description="Threads inside one operator; 0 lets ONNX Runtime choose (one per core).",
+        description="Threads inside one operator; 0 = auto: on the cpu provider one per "
+        "physical core but one (that core runs capture, the PLC, the store and the panel), "
+        "on cuda/tensorrt ONNX Runtime's default.",
     )
     inter_op_threads: int = Field(
         1,

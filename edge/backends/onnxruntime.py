@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,38 @@ _PROVIDER_NAMES = {
     "cuda": "CUDAExecutionProvider",
     "tensorrt": "TensorrtExecutionProvider",
 }
+
+
+def physical_cores() -> int:
+    """Physical cores among the CPUs this process may run on (hyperthreads counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+    cores: set[tuple[str, str]] = set()
+    for cpu in cpus:
+        topo = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            pkg = (topo / "physical_package_id").read_text().strip()
+            core = (topo / "core_id").read_text().strip()
+        except OSError:
+            return max(1, len(cpus))  # no topology (some containers): count logical CPUs
+        cores.add((pkg, core))
+    return max(1, len(cores))
+
+
+def auto_intra_op_threads(cores: int | None = None) -> int:
+    """``intra_op_threads: 0`` on the CPU provider: one thread per physical core but one.
+
+    The core left over runs the rest of the appliance (capture, decision, the result
+    store, the Modbus server, the panel, the uplink). A graph spread over every core
+    waits for its slowest thread whenever any of that work preempts one, which on a
+    2-core station cost 20 % of throughput and a longer tail than the one-thread
+    graph (docs/runtime.md, "Threads").
+    """
+    n = physical_cores() if cores is None else cores
+    return max(1, n - 1)
+
 
 # session config entries per ``spinning`` (onnxruntime_session_options_config_keys.h)
 _SPINNING: dict[str, dict[str, str]] = {
@@ -115,11 +148,19 @@ class OnnxRuntimeBackend(Backend):
         }
         return [("TensorrtExecutionProvider", trt_opts), cuda, "CPUExecutionProvider"]
 
+    def _intra_op_threads(self) -> int:
+        """The configured count; 0 means :func:`auto_intra_op_threads` on the CPU provider
+        (on CUDA/TensorRT the CPU only runs leftovers: ONNX Runtime's own default)."""
+        n = self.config.intra_op_threads
+        if n == 0 and self.config.provider == "cpu":
+            return auto_intra_op_threads()
+        return n
+
     def load(self, graph: GraphSource) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.config.intra_op_threads
+        opts.intra_op_num_threads = self._intra_op_threads()
         opts.inter_op_num_threads = self.config.inter_op_threads
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -161,7 +202,7 @@ class OnnxRuntimeBackend(Backend):
             "provider": self.config.provider,
             "providers": self._providers,
             "graph": self._graph.kind if self._graph else None,
-            "intra_op_threads": self.config.intra_op_threads,
+            "intra_op_threads": self._intra_op_threads(),
             "inter_op_threads": self.config.inter_op_threads,
             "spinning": self.config.spinning,
         }

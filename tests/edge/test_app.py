@@ -101,8 +101,17 @@ def test_free_run_inspects_and_implements_the_panel_protocol(
 def test_triggered_mode_one_verdict_per_trigger(
     tmp_path: Path, toy_package_dir: Path, app_factory: Any
 ) -> None:
-    app = app_factory(_cfg(tmp_path, toy_package_dir, camera={"mode": "triggered"}))
+    before = sys.getswitchinterval()
+    app = app_factory(
+        _cfg(
+            tmp_path,
+            toy_package_dir,
+            camera={"mode": "triggered"},
+            pipeline={"python_switch_interval_ms": 0.7},
+        )
+    )
     app.start()
+    assert sys.getswitchinterval() == pytest.approx(0.0007)
     time.sleep(0.2)
     v = app.trigger(41)
     assert v.trigger_id == 41
@@ -115,6 +124,8 @@ def test_triggered_mode_one_verdict_per_trigger(
     assert v.code is VerdictCode.ERROR
     assert "capture" in v.error
     assert app.store.get(v.inspection_id) is not None
+    app.stop()
+    assert sys.getswitchinterval() == pytest.approx(before)  # the process's own, restored
 
 
 def test_plc_triggers_get_verdicts_over_modbus(

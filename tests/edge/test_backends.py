@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,7 @@ from onnx import TensorProto, helper
 
 from edge.backends import BackendError, BackendUnavailableError, availability, create_backend
 from edge.backends.config import OnnxRuntimeBackendConfig, TensorRTBackendConfig
+from edge.backends.onnxruntime import auto_intra_op_threads, physical_cores
 from edge.backends.tensorrt import engine_cache_key
 from edge.pipeline import graph_source, verify_references
 from models.package import ModelPackage, load_package
@@ -77,6 +79,23 @@ def test_spinning_setting_reaches_the_session(
     score = float(backend.run(toy_package.preprocess(image)).score[0])
     assert abs(score - ref.scores["fp32"]) <= ROUND_TRIP_TOL
     backend.close()
+
+
+def test_auto_threads_leave_one_core_to_the_rest_of_the_appliance(
+    toy_package: ModelPackage,
+) -> None:
+    assert [auto_intra_op_threads(n) for n in (1, 2, 4, 8)] == [1, 1, 3, 7]
+    assert 1 <= physical_cores() <= (os.cpu_count() or 1)
+    backend = create_backend(OnnxRuntimeBackendConfig())  # intra_op_threads 0 = auto
+    backend.load(graph_source(toy_package, "fp32"))
+    opts = backend._session.get_session_options()  # type: ignore[attr-defined]
+    assert opts.intra_op_num_threads == auto_intra_op_threads() == max(1, physical_cores() - 1)
+    assert backend.describe()["intra_op_threads"] == opts.intra_op_num_threads
+    backend.close()
+    fixed = create_backend(OnnxRuntimeBackendConfig(intra_op_threads=2))
+    fixed.load(graph_source(toy_package, "fp32"))
+    assert fixed._session.get_session_options().intra_op_num_threads == 2  # type: ignore[attr-defined]
+    fixed.close()
 
 
 def test_spinning_defaults_to_run_and_rejects_unknown_values() -> None:
