@@ -265,13 +265,20 @@ def _agent_yaml(broker: Broker, tmp_path: Path, device: str) -> Path:
 
 
 def _spawn_agent(config: Path, env_extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """The agent CLI in its own process; its log goes to ``agent.log`` beside the config.
+
+    Not to a pipe: nobody reads it while the agent runs, and an agent blocked on a full
+    pipe cannot stop cleanly (the broker then publishes its Will instead of its own
+    "agent stopped").
+    """
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.Popen(
-        [sys.executable, "-m", "edge.cli", "agent", "--config", str(config)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    with (config.parent / "agent.log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "edge.cli", "agent", "--config", str(config)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
 
 
 @pytest.mark.slow
@@ -302,19 +309,24 @@ def test_agent_sigkill_mid_backlog_loses_nothing(broker: Broker, tmp_path: Path)
         ids = [r[0] for r in ingest.db.query("SELECT store_id FROM verdicts ORDER BY seq")]
         assert ids == list(range(1, 1651))
         wait_until(lambda: json.loads(states[-1].payload)["online"], 30, "online again")
-    finally:
+        # a clean stop publishes offline itself (watched before the watcher goes away)
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        assert proc.wait(30) == 0
+        wait_until(lambda: not json.loads(states[-1].payload)["online"], 30, "offline on stop")
+        log = (config.parent / "agent.log").read_text(errors="replace")
+        reasons = [json.loads(m.payload).get("reason") for m in states]
+        assert json.loads(states[-1].payload)["reason"] == "agent stopped", (reasons, log[-4000:])
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         watcher.loop_stop()
         watcher.disconnect()
         ingest.stop()
         store.stop()
-    # a clean stop publishes offline itself
-    wait_until(lambda: not json.loads(states[-1].payload)["online"], 30, "offline on stop")
-    assert json.loads(states[-1].payload)["reason"] == "agent stopped"
 
 
 def test_ingest_workers_share_the_load_without_duplicates(broker: Broker, tmp_path: Path) -> None:
