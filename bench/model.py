@@ -42,6 +42,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--projection-dim", type=int, help="project patch features to this many dims (0 = off)"
     )
+    p.add_argument(
+        "--global-pool", choices=("mean", "mean_std"), help="pooling of the image-level branch"
+    )
+    p.add_argument(
+        "--standardize-input",
+        action=argparse.BooleanOptionalAction,
+        help="per-image standardisation inside the graph (default: the shipped setting)",
+    )
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 export")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 graph (FP32 only)")
     return p.parse_args(argv)
@@ -73,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         "global_stages": _stages(args.global_stages),
         "global_weight": args.global_weight,
         "projection_dim": args.projection_dim,
+        "global_pool": args.global_pool,
+        "standardize_input": args.standardize_input,
     }
     s = replace(s, **{k: v for k, v in over.items() if v is not None})
     if args.no_fp16:

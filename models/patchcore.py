@@ -15,12 +15,16 @@ a small edge backbone and to a single exportable graph:
    it stays in float when the graph is quantized) and the image score is the mean of its
    ``top_k`` highest cells; the anomaly map is the smoothed map resized to the input;
 6. optionally (``global_stages``), an image-level branch: the tapped stage maps are averaged
-   over the whole image, and the Mahalanobis distance of that vector to a Gaussian fitted on
+   over the whole image (``global_pool="mean_std"``: their per-channel standard deviation
+   too), and the Mahalanobis distance of that vector to a Gaussian fitted on
    the good images (Ledoit-Wolf shrinkage covariance; Rippel et al., "Modeling the
    Distribution of Normal Data in Pre-Trained Deep Features for Anomaly Detection", ICPR
    2020) is added to the patch score, scaled so that both terms have the same held-out-good
    median (see :class:`GlobalGaussian`). It catches global defects (uneven texture, fray)
    that no single patch shows.
+
+Optionally (``standardize_input``) each image is standardised (zero mean, unit variance,
+then the fixed mean 128 / std 40 in pixel units) inside the graph before the trunk.
 
 Both outputs are divided by ``raw_scale`` (see :mod:`models.threshold`) inside the graph.
 
@@ -40,6 +44,28 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from models.backbone import LiteTrunk
+
+#: Pooling choices of the image-level branch (``PatchCoreConfig.global_pool``).
+GLOBAL_POOLS = ("mean", "mean_std")
+#: Per-image standardisation target in pixel units (``PatchCoreConfig.standardize_input``).
+STANDARD_MEAN, STANDARD_STD = 128.0, 40.0
+#: Variance floor of the per-image standardisation (normalised units; a flat image maps to
+#: the target mean instead of dividing by zero).
+STANDARD_EPS = 1e-6
+
+
+def standardize(image: torch.Tensor) -> torch.Tensor:
+    """Per-image standardisation of a normalised batch [N, C, H, W].
+
+    The input is in the trunk's normalisation (``pixel / 127.5 - 1``); each image is shifted
+    and scaled to zero mean and unit variance over all its pixels and channels, then mapped
+    to what a pixel mean of 128 and standard deviation of 40 would give.
+    """
+    mean = image.mean(dim=(1, 2, 3), keepdim=True)
+    centred = image - mean
+    var = (centred * centred).mean(dim=(1, 2, 3), keepdim=True)
+    std = torch.sqrt(var + STANDARD_EPS)
+    return centred / std * (STANDARD_STD / 127.5) + (STANDARD_MEAN / 127.5 - 1.0)
 
 
 @dataclass(frozen=True)
@@ -62,6 +88,19 @@ class PatchCoreConfig:
     #: fitting patches) before the nearest-neighbour search; the bank is stored projected.
     #: 0 = no projection.
     projection_dim: int = 0
+    #: How the global stages are pooled over the image: ``mean`` (per channel) or
+    #: ``mean_std`` (per-channel mean and standard deviation, twice the dimensions).
+    global_pool: str = "mean"
+    #: Standardise each input image inside the graph (per image: zero mean, unit variance
+    #: over all pixels and channels, then mapped to mean 128 / std 40 in pixel units) before
+    #: the trunk. The graph then no longer sees an image's overall brightness or contrast.
+    standardize_input: bool = False
+
+    def __post_init__(self) -> None:
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(
+                f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, not {self.global_pool!r}"
+            )
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -100,7 +139,8 @@ class PatchFeatures(nn.Module):
             raise ValueError(f"in_channels must be 1 or 3, got {cfg.in_channels}")
         chans = dict(zip(self.taps, self.trunk.channels, strict=True))
         self.dim = sum(chans[s] for s in sorted(set(cfg.stages)))
-        self.global_dim = sum(chans[s] for s in sorted(set(cfg.global_stages)))
+        per_stage = 2 if cfg.global_pool == "mean_std" else 1
+        self.global_dim = per_stage * sum(chans[s] for s in sorted(set(cfg.global_stages)))
 
     @overload
     def forward(self, image: torch.Tensor) -> torch.Tensor: ...
@@ -130,12 +170,19 @@ class PatchFeatures(nn.Module):
     def _compute(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         k = self.cfg.neighbourhood
         grid = self.cfg.grid_hw
+        if self.cfg.standardize_input:
+            image = standardize(image)
         taps = dict(zip(self.taps, self.trunk(image), strict=True))
         pooled = None
         if self.cfg.global_stages:
-            pooled = torch.cat(
-                [taps[s].mean(dim=(2, 3)) for s in sorted(set(self.cfg.global_stages))], dim=1
-            )
+            parts: list[torch.Tensor] = []
+            for s in sorted(set(self.cfg.global_stages)):
+                m = taps[s].mean(dim=(2, 3), keepdim=True)
+                parts.append(m.flatten(1))
+                if self.cfg.global_pool == "mean_std":
+                    c = taps[s] - m
+                    parts.append(torch.sqrt((c * c).mean(dim=(2, 3))))
+            pooled = torch.cat(parts, dim=1)
         maps = []
         for s in sorted(set(self.cfg.stages)):
             f = taps[s]

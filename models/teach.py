@@ -37,6 +37,7 @@ from models.package import (
     write_package,
 )
 from models.patchcore import (
+    GLOBAL_POOLS,
     GlobalGaussian,
     PatchCoreConfig,
     PatchCoreGraph,
@@ -89,6 +90,14 @@ class TeachSettings:
     #: Project patch features to this many dimensions (PCA of the fitting patches, a constant
     #: MatMul in the graph) before the nearest-neighbour search; 0 = off.
     projection_dim: int = 0
+    #: Pooling of the image-level branch: ``mean`` or ``mean_std`` (per-channel mean and
+    #: standard deviation, the default since 2026-12-04: MTD 0.9644 -> 0.9715 FP32; see
+    #: docs/model-method.md, Per-image standardisation and mean+std pooling).
+    global_pool: str = "mean_std"
+    #: Standardise each image (zero mean, unit variance, then mean 128 / std 40 in pixel
+    #: units) inside the graph before the backbone; overall brightness/contrast then no
+    #: longer count.
+    standardize_input: bool = False
     bank_size: int = 2000
     coreset_candidates: int = 60_000
     holdout_fraction: float = 0.1
@@ -113,6 +122,7 @@ class TeachSettings:
         for name, allowed in (
             ("int8_activations", ("u8", "s8")),
             ("default_graph", ("auto", "fp32", "int8")),
+            ("global_pool", GLOBAL_POOLS),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -138,6 +148,8 @@ class TeachSettings:
             global_stages=self.global_stages,
             global_weight=self.global_weight,
             projection_dim=self.projection_dim,
+            global_pool=self.global_pool,
+            standardize_input=self.standardize_input,
         )
 
 
@@ -467,11 +479,14 @@ def teach(
         )
         + (
             f" + gain x Mahalanobis distance of stages {list(cfg.global_stages)} pooled"
+            f" ({cfg.global_pool.replace('_', '+')})"
             if cfg.global_stages
             else ""
         ),
         "global_stages": list(cfg.global_stages),
         "global_weight": cfg.global_weight,
+        "global_pool": cfg.global_pool,
+        "standardize_input": cfg.standardize_input,
         "global_fit": global_fit,
         "settings": {k: v for k, v in asdict(s).items() if k != "extra"} | s.extra,
         "images": {
