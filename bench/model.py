@@ -43,7 +43,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--projection-dim", type=int, help="project patch features to this many dims (0 = off)"
     )
     p.add_argument(
-        "--global-pool", choices=("mean", "mean_std"), help="pooling of the image-level branch"
+        "--global-pool",
+        choices=("mean", "mean_std", "mean_std_skew"),
+        help="pooling of the image-level branch",
     )
     p.add_argument(
         "--standardize-input",

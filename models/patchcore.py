@@ -16,12 +16,12 @@ a small edge backbone and to a single exportable graph:
    ``top_k`` highest cells; the anomaly map is the smoothed map resized to the input;
 6. optionally (``global_stages``), an image-level branch: the tapped stage maps are averaged
    over the whole image (``global_pool="mean_std"``: their per-channel standard deviation
-   too), and the Mahalanobis distance of that vector to a Gaussian fitted on
-   the good images (Ledoit-Wolf shrinkage covariance; Rippel et al., "Modeling the
-   Distribution of Normal Data in Pre-Trained Deep Features for Anomaly Detection", ICPR
-   2020) is added to the patch score, scaled so that both terms have the same held-out-good
-   median (see :class:`GlobalGaussian`). It catches global defects (uneven texture, fray)
-   that no single patch shows.
+   too; ``mean_std_skew``: and skewness), and the Mahalanobis distance of that vector to a
+   Gaussian fitted on the good images (Ledoit-Wolf shrinkage covariance; Rippel et al.,
+   "Modeling the Distribution of Normal Data in Pre-Trained Deep Features for Anomaly
+   Detection", ICPR 2020) is added to the patch score, scaled so that both terms have the
+   same held-out-good median (see :class:`GlobalGaussian`). It catches global defects
+   (uneven texture, fray) that no single patch shows.
 
 Optionally (``standardize_input``) each image is standardised (zero mean, unit variance,
 then the fixed mean 128 / std 40 in pixel units) inside the graph before the trunk.
@@ -46,7 +46,9 @@ from torch import nn
 from models.backbone import LiteTrunk
 
 #: Pooling choices of the image-level branch (``PatchCoreConfig.global_pool``).
-GLOBAL_POOLS = ("mean", "mean_std")
+GLOBAL_POOLS = ("mean", "mean_std", "mean_std_skew")
+#: Added to a channel's standard deviation before it divides the third moment (skewness).
+SKEW_EPS = 1e-3
 #: Per-image standardisation target in pixel units (``PatchCoreConfig.standardize_input``).
 STANDARD_MEAN, STANDARD_STD = 128.0, 40.0
 #: Variance floor of the per-image standardisation (normalised units; a flat image maps to
@@ -88,8 +90,9 @@ class PatchCoreConfig:
     #: fitting patches) before the nearest-neighbour search; the bank is stored projected.
     #: 0 = no projection.
     projection_dim: int = 0
-    #: How the global stages are pooled over the image: ``mean`` (per channel) or
-    #: ``mean_std`` (per-channel mean and standard deviation, twice the dimensions).
+    #: How the global stages are pooled over the image: ``mean`` (per channel),
+    #: ``mean_std`` (per-channel mean and standard deviation, twice the dimensions) or
+    #: ``mean_std_skew`` (and the skewness ``mean(c^3) / (std + 1e-3)^3``, three times).
     global_pool: str = "mean"
     #: Standardise each input image inside the graph (per image: zero mean, unit variance
     #: over all pixels and channels, then mapped to mean 128 / std 40 in pixel units) before
@@ -139,7 +142,7 @@ class PatchFeatures(nn.Module):
             raise ValueError(f"in_channels must be 1 or 3, got {cfg.in_channels}")
         chans = dict(zip(self.taps, self.trunk.channels, strict=True))
         self.dim = sum(chans[s] for s in sorted(set(cfg.stages)))
-        per_stage = 2 if cfg.global_pool == "mean_std" else 1
+        per_stage = {"mean": 1, "mean_std": 2, "mean_std_skew": 3}[cfg.global_pool]
         self.global_dim = per_stage * sum(chans[s] for s in sorted(set(cfg.global_stages)))
 
     @overload
@@ -179,9 +182,12 @@ class PatchFeatures(nn.Module):
             for s in sorted(set(self.cfg.global_stages)):
                 m = taps[s].mean(dim=(2, 3), keepdim=True)
                 parts.append(m.flatten(1))
-                if self.cfg.global_pool == "mean_std":
+                if self.cfg.global_pool != "mean":
                     c = taps[s] - m
-                    parts.append(torch.sqrt((c * c).mean(dim=(2, 3))))
+                    sd = torch.sqrt((c * c).mean(dim=(2, 3)))
+                    parts.append(sd)
+                    if self.cfg.global_pool == "mean_std_skew":
+                        parts.append((c * c * c).mean(dim=(2, 3)) / (sd + SKEW_EPS) ** 3)
             pooled = torch.cat(parts, dim=1)
         maps = []
         for s in sorted(set(self.cfg.stages)):

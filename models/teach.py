@@ -90,9 +90,10 @@ class TeachSettings:
     #: Project patch features to this many dimensions (PCA of the fitting patches, a constant
     #: MatMul in the graph) before the nearest-neighbour search; 0 = off.
     projection_dim: int = 0
-    #: Pooling of the image-level branch: ``mean`` or ``mean_std`` (per-channel mean and
+    #: Pooling of the image-level branch: ``mean``, ``mean_std`` (per-channel mean and
     #: standard deviation, the default since 2026-12-04: MTD 0.9644 -> 0.9715 FP32; see
-    #: docs/model-method.md, Per-image standardisation and mean+std pooling).
+    #: docs/model-method.md, Per-image standardisation and mean+std pooling) or
+    #: ``mean_std_skew`` (and skewness; an option).
     global_pool: str = "mean_std"
     #: Standardise each image (zero mean, unit variance, then mean 128 / std 40 in pixel
     #: units) inside the graph before the backbone; overall brightness/contrast then no

@@ -19,6 +19,7 @@ from onnx import numpy_helper
 
 from models.export import export_fp32, torch_scores
 from models.patchcore import (
+    SKEW_EPS,
     STANDARD_MEAN,
     STANDARD_STD,
     GlobalGaussian,
@@ -117,6 +118,24 @@ def test_mean_std_pooling_doubles_the_pooled_vector_with_the_channel_std() -> No
     torch.testing.assert_close(p_mean, torch.cat([t.mean(dim=(2, 3)) for t in taps], 1))
 
 
+def test_skew_pooling_appends_the_channel_skewness() -> None:
+    feats = PatchFeatures(_cfg(1, global_pool="mean_std_skew", standardize_input=False)).eval()
+    plain = PatchFeatures(_cfg(1, global_pool="mean", standardize_input=False)).eval()
+    assert feats.global_dim == 3 * plain.global_dim
+    x = torch.from_numpy(_images(2, 1, seed=3))
+    with torch.no_grad():
+        _, pooled = feats.forward_all(x)
+        by_stage = dict(zip(feats.taps, feats.trunk(x), strict=True))
+    assert pooled is not None
+    parts = []
+    for s in (3, 4):
+        t = by_stage[s].double()
+        c = t - t.mean(dim=(2, 3), keepdim=True)
+        sd = c.pow(2).mean(dim=(2, 3)).sqrt()
+        parts += [t.mean(dim=(2, 3)), sd, c.pow(3).mean(dim=(2, 3)) / (sd + SKEW_EPS) ** 3]
+    torch.testing.assert_close(pooled.double(), torch.cat(parts, 1), atol=1e-4, rtol=1e-4)
+
+
 def test_unknown_pooling_is_refused() -> None:
     with pytest.raises(ValueError, match="global_pool"):
         PatchCoreConfig(global_pool="max")
@@ -127,9 +146,13 @@ def test_unknown_pooling_is_refused() -> None:
     assert cfg.standardize_input
 
 
-@pytest.mark.parametrize("channels", [1, 3], ids=["gray", "rgb"])
-def test_onnx_matches_pytorch_with_both_options(channels: int, tmp_path: Path) -> None:
-    graph, _ = _graph(channels)
+@pytest.mark.parametrize(
+    ("channels", "pool"),
+    [(1, "mean_std"), (3, "mean_std"), (1, "mean_std_skew")],
+    ids=["gray", "rgb", "gray-skew"],
+)
+def test_onnx_matches_pytorch_with_both_options(channels: int, pool: str, tmp_path: Path) -> None:
+    graph, _ = _graph(channels, global_pool=pool)
     path = export_fp32(graph, tmp_path / "model_fp32.onnx")
     onnx.checker.check_model(onnx.load(str(path)))
     x = _images(4, channels, seed=4) * 0.8 + 0.1
