@@ -77,6 +77,10 @@ class LinkStats:
     refused_subscriptions: list[str] = field(default_factory=list)
 
 
+def _leave_writes_to_the_loop(_client: mqtt.Client, _userdata: Any, _sock: Any) -> None:
+    """paho's write-registration callback: nothing to do, the link's loop selects on writes."""
+
+
 class MqttLink:
     """A reconnecting MQTT client running in its own thread."""
 
@@ -208,6 +212,12 @@ class MqttLink:
             client.tls_insecure_set(not s.check_hostname)
         if s.will is not None:
             client.will_set(s.will[0], s.will[1], qos=1, retain=True)
+        # Only this link's thread touches the socket. In paho's manual-loop mode publish()
+        # from another thread writes to the socket at once, from that thread, while this
+        # one may be reading it: two threads in one TLS connection corrupt it (seen as
+        # "Unspecified error" disconnects under load). With a write-registration callback
+        # paho only queues the packet and wakes this thread's select (its socket pair).
+        client.on_socket_register_write = _leave_writes_to_the_loop
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_message = self._handle_message
@@ -355,8 +365,10 @@ class MqttLink:
                 self._fail(f"{type(exc).__name__}: {exc}")
                 break
             if rc != mqtt.MQTT_ERR_SUCCESS:
-                if not self._connected.is_set() and self.stats.last_error_unix < (
-                    time.time() - 1.0
+                if (
+                    not was_connected
+                    and not self._connected.is_set()
+                    and self.stats.last_error_unix < (time.time() - 1.0)
                 ):
                     self._fail(f"connection closed before CONNACK: {mqtt.error_string(rc)}")
                 break
@@ -369,9 +381,14 @@ class MqttLink:
                 next_tick = now + 0.1
                 self._run_tick()
         if self._stop.is_set():
+            # DISCONNECT goes out behind whatever is still queued; paho closes the socket
+            # once it is written (a clean DISCONNECT: the broker drops the Will)
             try:
                 client.disconnect()
-                client.loop(timeout=0.1)
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline:
+                    if client.loop(timeout=0.05) != mqtt.MQTT_ERR_SUCCESS:
+                        break
             except (OSError, ValueError):
                 pass
         self._connected.clear()
