@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -110,3 +112,15 @@ def build_package(folder: Path, version: str, key: Any, *, bad_reference: bool =
             r["scores"] = {k: v + 0.5 for k, v in r["scores"].items()}
         refresh_package(pkg_dir, {"reference": refs}, sign_key=key)
     return pack_tar(pkg_dir, folder / f"{pkg_dir.name}.tar")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """SIGTERM a child still running, SIGKILL it if it has not exited after ``timeout_s``."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

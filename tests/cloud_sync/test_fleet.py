@@ -20,7 +20,7 @@ from cloud_sync.ingest import IngestDB, format_status_table
 from cloud_sync.mqtt import LinkSettings, MqttLink
 from cloud_sync.topics import SignedRelease
 from tests.cloud_sync.conftest import HEALTH_FAST, Broker, Rig, active, wait_until
-from tests.cloud_sync.helpers import start_ingest
+from tests.cloud_sync.helpers import start_ingest, stop_process
 from tests.conftest import free_tcp_port
 
 
@@ -312,7 +312,6 @@ def test_agent_cli_rejects_bad_configs(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_fleet_serve_ingests_and_serves_packages_over_http(rig: Rig) -> None:
-    import signal
     import urllib.request
 
     from tests.cloud_sync.helpers import add_verdicts
@@ -360,9 +359,5 @@ def test_fleet_serve_ingests_and_serves_packages_over_http(rig: Rig) -> None:
             assert resp.status == 206
             assert resp.read() == rig.pk.v["1.1.0"].read_bytes()[10:20]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc, 15)
     assert proc.returncode == 0, proc.stderr.read().decode()[-2000:] if proc.stderr else ""

@@ -25,6 +25,7 @@ from models.signing import load_public_key
 from tests.cloud_sync.conftest import HEALTH_FAST, Rig, active, sha256, wait_until
 from tests.cloud_sync.helpers import (
     add_verdicts,
+    stop_process,
     uplink_config,
 )
 
@@ -287,12 +288,7 @@ def test_agent_killed_during_update_leaves_a_consistent_slot(rig: Rig, point: st
             "1.1.0"
         )
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc)
 
 
 def test_activation_callback_failure_keeps_old_model(rig: Rig) -> None:
@@ -351,9 +347,4 @@ def test_agent_killed_mid_download_resumes_by_chunk_index(rig: Rig) -> None:
         ptr = SlotStore(slots_dir).read()
         assert ptr.version_of(ptr.active) == "1.1.0"
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc)

@@ -25,6 +25,7 @@ from tests.cloud_sync.helpers import (
     add_verdicts,
     make_store,
     start_ingest,
+    stop_process,
     uplink_config,
 )
 
@@ -317,12 +318,7 @@ def test_agent_sigkill_mid_backlog_loses_nothing(broker: Broker, tmp_path: Path)
         reasons = [json.loads(m.payload).get("reason") for m in states]
         assert json.loads(states[-1].payload)["reason"] == "agent stopped", (reasons, log[-4000:])
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_process(proc)
         watcher.loop_stop()
         watcher.disconnect()
         ingest.stop()

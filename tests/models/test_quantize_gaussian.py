@@ -51,27 +51,41 @@ def _scores(path: Path, x: np.ndarray) -> np.ndarray:
     return np.asarray(sess.run(["score"], {"image": x})[0], dtype=np.float64)
 
 
-def _global_graph(gain: float | None) -> tuple[PatchCoreGraph, np.ndarray, np.ndarray]:
-    """Gray toy graph with the Gaussian branch; gain by teach's rule unless given."""
-    cfg = PatchCoreConfig(
-        input_hw=(64, 64), in_channels=1, stages=(2, 4), top_k=3, global_stages=(3, 4, 5)
-    )
+def fit_toy_graph(
+    cfg: PatchCoreConfig,
+    n_fit: int,
+    n_hold: int,
+    bank: int,
+    weight: float,
+    gain: float | None = None,
+) -> tuple[PatchCoreGraph, np.ndarray, np.ndarray]:
+    """A fitted toy graph with the Gaussian branch (bank, Gaussian, gain by teach's rule at
+    ``weight`` unless given, scale) and its fitting and held-out images."""
     feats = PatchFeatures(cfg).eval()
-    x_fit, x_hold = _images(24, 1, seed=0), _images(10, 1, seed=1)
+    x_fit = _images(n_fit, cfg.in_channels, seed=0)
+    x_hold = _images(n_hold, cfg.in_channels, seed=1)
     with torch.no_grad():
         f, pooled = feats.forward_all(torch.from_numpy(x_fit))
     assert pooled is not None
-    bank = greedy_coreset(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), 64)
-    graph = PatchCoreGraph(feats, bank, gaussian=GlobalGaussian.fit(pooled)).eval()
+    coreset = greedy_coreset(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), bank)
+    graph = PatchCoreGraph(feats, coreset, gaussian=GlobalGaussian.fit(pooled)).eval()
     with torch.no_grad():
         pmap, dist = graph.branches(torch.from_numpy(x_hold))
         patch = graph.patch_score(pmap)
     assert dist is not None
     if gain is None:
-        gain = gaussian_gain(WEIGHT, patch.numpy(), dist.numpy())["gain"]
+        gain = gaussian_gain(weight, patch.numpy(), dist.numpy())["gain"]
     graph.set_gaussian(GlobalGaussian(graph.g_mean, graph.g_whiten, gain))
     graph.set_raw_scale(float((patch + gain * dist).max()))
     return graph, x_fit, x_hold
+
+
+def _global_graph(gain: float | None) -> tuple[PatchCoreGraph, np.ndarray, np.ndarray]:
+    """Gray toy graph with the Gaussian branch; gain by teach's rule unless given."""
+    cfg = PatchCoreConfig(
+        input_hw=(64, 64), in_channels=1, stages=(2, 4), top_k=3, global_stages=(3, 4, 5)
+    )
+    return fit_toy_graph(cfg, 24, 10, 64, WEIGHT, gain)
 
 
 @pytest.fixture(scope="module")

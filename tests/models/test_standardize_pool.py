@@ -22,16 +22,15 @@ from models.patchcore import (
     SKEW_EPS,
     STANDARD_MEAN,
     STANDARD_STD,
-    GlobalGaussian,
     PatchCoreConfig,
     PatchCoreGraph,
     PatchFeatures,
-    greedy_coreset,
     standardize,
 )
 from models.quantize import Int8Settings, graph_features, quantize_int8
-from models.teach import TeachSettings, fit_int8, gaussian_gain
+from models.teach import TeachSettings, fit_int8
 from tests.models.test_export import _images
+from tests.models.test_quantize_gaussian import fit_toy_graph
 
 FP32_TOL = 1e-4
 
@@ -52,20 +51,7 @@ def _cfg(channels: int, **kw: object) -> PatchCoreConfig:
 
 def _graph(channels: int, **kw: object) -> tuple[PatchCoreGraph, np.ndarray]:
     """A fitted toy graph (bank, Gaussian, gain, scale) and its held-out images."""
-    feats = PatchFeatures(_cfg(channels, **kw)).eval()
-    x_fit, x_hold = _images(16, channels, seed=0), _images(6, channels, seed=1)
-    with torch.no_grad():
-        f, pooled = feats.forward_all(torch.from_numpy(x_fit))
-    assert pooled is not None
-    bank = greedy_coreset(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]), 48)
-    graph = PatchCoreGraph(feats, bank, gaussian=GlobalGaussian.fit(pooled)).eval()
-    with torch.no_grad():
-        pmap, dist = graph.branches(torch.from_numpy(x_hold))
-        patch = graph.patch_score(pmap)
-    assert dist is not None
-    gain = gaussian_gain(0.5, patch.numpy(), dist.numpy())["gain"]
-    graph.set_gaussian(GlobalGaussian(graph.g_mean, graph.g_whiten, gain))
-    graph.set_raw_scale(float((patch + gain * dist).max()))
+    graph, _, x_hold = fit_toy_graph(_cfg(channels, **kw), 16, 6, 48, 0.5)
     return graph, x_hold
 
 
