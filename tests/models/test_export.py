@@ -44,7 +44,8 @@ def _graph(channels: int, top_k: int = 3) -> PatchCoreGraph:
     return graph
 
 
-def _session(path: Path) -> ort.InferenceSession:
+def ort_session(path: Path) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session on 2 threads (the tests' default)."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 2
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
@@ -68,7 +69,7 @@ def test_graph_follows_the_contract(exported) -> None:
     (inp,) = model.graph.input
     assert inp.name == "image"
     assert [o.name for o in model.graph.output] == ["score", "anomaly_map"]
-    sess = _session(path)
+    sess = ort_session(path)
     assert sess.get_inputs()[0].shape == ["N", channels, 64, 64]
     for n in (1, 3):
         score, amap = sess.run(None, {"image": _images(n, channels, seed=5)})
@@ -82,7 +83,7 @@ def test_onnx_fp32_matches_pytorch(exported) -> None:
     graph, path, channels = exported
     x = _images(5, channels, seed=7)
     s_t, m_t = torch_scores(graph, x)
-    s_o, m_o = _session(path).run(None, {"image": x})
+    s_o, m_o = ort_session(path).run(None, {"image": x})
     assert np.max(np.abs(s_t - s_o)) <= FP32_TOL
     assert np.max(np.abs(m_t - m_o)) <= FP32_TOL
     # The map and the score agree: the score is a top-k mean of map cells, so never above max.
@@ -92,7 +93,7 @@ def test_onnx_fp32_matches_pytorch(exported) -> None:
 def test_onnx_fp16_is_close_and_keeps_float_io(exported, tmp_path: Path) -> None:
     graph, path, channels = exported
     half = export_fp16(path, tmp_path / "model_fp16.onnx")
-    sess = _session(half)
+    sess = ort_session(half)
     assert sess.get_inputs()[0].type == "tensor(float)"
     assert [o.type for o in sess.get_outputs()] == ["tensor(float)", "tensor(float)"]
     x = _images(4, channels, seed=9)
@@ -182,7 +183,7 @@ def test_global_branch_onnx_matches_pytorch(global_graph, tmp_path: Path) -> Non
     path = export_fp32(graph, tmp_path / "model_fp32.onnx")
     x = _images(4, 1, seed=8)
     s_t, m_t = torch_scores(graph, x)
-    s_o, m_o = _session(path).run(None, {"image": x})
+    s_o, m_o = ort_session(path).run(None, {"image": x})
     assert np.max(np.abs(s_t - s_o)) <= FP32_TOL * max(1.0, float(np.abs(s_t).max()))
     assert np.max(np.abs(m_t - m_o)) <= FP32_TOL * max(1.0, float(np.abs(m_t).max()))
     model = onnx.load(str(path))

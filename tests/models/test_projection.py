@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -22,7 +21,7 @@ from models.patchcore import (
     random_projection,
 )
 from models.quantize import patch_features, quantize_int8, quantized_op_types, set_bank
-from tests.models.test_export import FP32_TOL, _images
+from tests.models.test_export import FP32_TOL, _images, ort_session
 
 DIM = 24
 
@@ -53,12 +52,6 @@ def _projected_graph(channels: int, global_stages: tuple[int, ...] = ()) -> Patc
     raw, _ = torch_scores(graph, _images(4, channels, seed=1))
     graph.set_raw_scale(float(np.quantile(raw, 0.9)))
     return graph
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def test_pca_projection_is_orthonormal_deterministic_and_keeps_the_most_variance() -> None:
@@ -106,7 +99,7 @@ def test_projected_graph_onnx_matches_pytorch(
     path = export_fp32(graph, tmp_path / "model_fp32.onnx")
     x = _images(4, channels, seed=8)
     s_t, m_t = torch_scores(graph, x)
-    s_o, m_o = _session(path).run(None, {"image": x})
+    s_o, m_o = ort_session(path).run(None, {"image": x})
     assert np.max(np.abs(s_t - s_o)) <= FP32_TOL * max(1.0, float(np.abs(s_t).max()))
     assert np.max(np.abs(m_t - m_o)) <= FP32_TOL * max(1.0, float(np.abs(m_t).max()))
     consts = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
@@ -163,5 +156,5 @@ def test_projected_graph_quantizes_with_the_projection_in_float(tmp_path: Path) 
     good = _images(3, 3, seed=1)
     bad = good.copy()
     bad[:, :, 20:36, 20:36] = -1.0
-    sess = _session(int8)
+    sess = ort_session(int8)
     assert np.all(sess.run(["score"], {"image": bad})[0] > sess.run(["score"], {"image": good})[0])

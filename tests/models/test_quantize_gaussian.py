@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -34,7 +33,7 @@ from models.quantize import (
     set_graph_scale,
 )
 from models.teach import TeachSettings, fit_int8, gaussian_gain
-from tests.models.test_export import _images
+from tests.models.test_export import _images, ort_session
 
 WEIGHT = 0.5
 SETTINGS = TeachSettings(bank_size=64, global_weight=WEIGHT)
@@ -45,9 +44,7 @@ def _consts(path: Path) -> dict[str, np.ndarray]:
 
 
 def _scores(path: Path, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     return np.asarray(sess.run(["score"], {"image": x})[0], dtype=np.float64)
 
 

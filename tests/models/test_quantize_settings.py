@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -24,7 +23,7 @@ from models.quantize import (
     quantized_op_types,
     set_bank,
 )
-from tests.models.test_export import _graph, _images
+from tests.models.test_export import _graph, _images, ort_session
 
 #: Stated tolerance: max |INT8 - FP32| normalised score on the toy graph, both with the same
 #: bank (scores are ~1 at the threshold; measured about 0.1 here).
@@ -60,9 +59,7 @@ def _consts(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def _scores(path: Path, x: np.ndarray) -> np.ndarray:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sess = ort_session(path)
     return np.asarray(sess.run(["score"], {"image": x})[0])
 
 

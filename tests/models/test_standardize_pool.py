@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import numpy_helper
@@ -29,7 +28,7 @@ from models.patchcore import (
 )
 from models.quantize import Int8Settings, graph_features, quantize_int8
 from models.teach import TeachSettings, fit_int8
-from tests.models.test_export import _images
+from tests.models.test_export import _images, ort_session
 from tests.models.test_quantize_gaussian import fit_toy_graph
 
 FP32_TOL = 1e-4
@@ -53,12 +52,6 @@ def _graph(channels: int, **kw: object) -> tuple[PatchCoreGraph, np.ndarray]:
     """A fitted toy graph (bank, Gaussian, gain, scale) and its held-out images."""
     graph, _, x_hold = fit_toy_graph(_cfg(channels, **kw), 16, 6, 48, 0.5)
     return graph, x_hold
-
-
-def _session(path: Path) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 2
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
 def test_standardize_maps_every_image_to_the_fixed_mean_and_std() -> None:
@@ -143,7 +136,7 @@ def test_onnx_matches_pytorch_with_both_options(channels: int, pool: str, tmp_pa
     onnx.checker.check_model(onnx.load(str(path)))
     x = _images(4, channels, seed=4) * 0.8 + 0.1
     t_score, t_map = torch_scores(graph, x)
-    o_score, o_map = _session(path).run(["score", "anomaly_map"], {"image": x})
+    o_score, o_map = ort_session(path).run(["score", "anomaly_map"], {"image": x})
     np.testing.assert_allclose(o_score, t_score, atol=FP32_TOL, rtol=0)
     np.testing.assert_allclose(o_map, t_map, atol=FP32_TOL, rtol=0)
 
@@ -166,5 +159,5 @@ def test_int8_refit_finds_the_mean_std_pooled_features(tmp_path: Path) -> None:
     model = onnx.load(str(int8))
     first_q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
     assert first_q.input[0] != "image"
-    scores = _session(int8).run(["score"], {"image": x_hold})[0]
+    scores = ort_session(int8).run(["score"], {"image": x_hold})[0]
     assert np.all(np.isfinite(scores))
