@@ -353,14 +353,13 @@ class RolloutController:
         rid = release.manifest.release_id
         deadline = time.monotonic() + timeout_s
         t0 = time.monotonic()
-        # When the assignment was last handed to the link, per device; None = not yet. A
-        # device that has not answered in ``REASSIGN_S`` gets the (idempotent, retained)
-        # command again: a broker restart or a dropped connection must not turn into a
-        # device silently left out of the rollout.
-        sent: dict[str, float | None] = {}
+        # When the assignment was last handed to the link, per device; None = not yet (the
+        # loop below sends it). A device that has not answered in ``REASSIGN_S`` gets the
+        # (idempotent, retained) command again: a broker restart or a dropped connection
+        # must not turn into a device silently left out of the rollout.
+        sent: dict[str, float | None] = dict.fromkeys(devices)
         for d in devices:
             self.store.record(rid, d, name, "assigned", "")
-            sent[d] = time.monotonic() if self._assign(release, d) else None
         recorded: dict[str, str] = {}
         finished: dict[str, UpdateStatus] = {}  # sticky: a final status is final
         while True:
