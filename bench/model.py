@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
+    from models.patchcore import GLOBAL_POOLS
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="MVTec-layout dataset folder")
     p.add_argument("--json", type=Path, help="also write the JSON here")
@@ -44,7 +46,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--global-pool",
-        choices=("mean", "mean_std", "mean_std_skew"),
+        choices=GLOBAL_POOLS,
         help="pooling of the image-level branch",
     )
     p.add_argument(
