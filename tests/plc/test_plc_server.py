@@ -561,6 +561,13 @@ def test_queued_parts_overlap_the_next_inference_with_reporting_the_previous(
         for part in (1, 2, 3):
             plc.trigger(part)
         plc.wait(lambda s: s.in_flight == 3, timeout_s=10)
+        # IN_FLIGHT counts a part when the trigger is accepted; its step reaches the
+        # inspector's queue a moment later (trigger worker thread). Wait for both
+        # waiting steps to be queued, or a slow machine sees "finish 2" before "begin 3".
+        deadline = time.monotonic() + 10
+        while svc._inspect.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert svc._inspect.qsize() == 2
         first_may_begin.set()
         assert [plc.take_result(timeout_s=10).part_id for _ in range(3)] == [1, 2, 3]
         # each waiting part's inference starts before the previous part is reported
