@@ -148,7 +148,8 @@ def test_projected_graph_quantizes_with_the_projection_in_float(tmp_path: Path) 
     producers = {o: n for n in model.graph.node for o in n.output}
     (proj_mm,) = [n for n in model.graph.node if n.op_type == "MatMul" and "proj" in n.input]
     assert producers[proj_mm.input[0]].op_type != "DequantizeLinear"  # the projection is float
-    assert quantized_op_types(int8).get("MatMul") == 1  # the (projected) bank product is int8
+    # the (projected) bank product is int8
+    assert quantized_op_types(int8).get("MatMulIntegerToFloat") == 1
     x = _images(6, 3, seed=0)
     feats = patch_features(int8, x)
     assert feats.shape == (6 * 16, DIM)

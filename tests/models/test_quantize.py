@@ -52,11 +52,16 @@ def test_only_the_backbone_and_the_bank_product_are_quantized(
         quantized = [p for p in fed if p is not None and p.op_type == "DequantizeLinear"]
         if n.op_type in {"ReduceMin", "Sqrt", "TopK", "Resize"}:
             assert not quantized, f"{n.name} is quantized"
-        if n.op_type == "MatMul" and quantized:
+        if (n.op_type == "MatMul" and quantized) or n.op_type == "MatMulIntegerToFloat":
             bank_products.append(n)
             # int8 inputs, float output: no QuantizeLinear after the product
             assert consumers[n.output[0]].op_type != "QuantizeLinear"
     assert len(bank_products) == 1  # q . bank; the smoothing products stay float
+    # ONNX Runtime's graph: the product is one fused operator with the bank bias as its bias
+    (product,) = bank_products
+    assert product.op_type == "MatMulIntegerToFloat"
+    assert product.domain == "com.microsoft"
+    assert product.input[6] == "bank_bias"
 
 
 def test_patch_features_read_from_the_graph_match_pytorch(graphs: tuple[Path, Path]) -> None:

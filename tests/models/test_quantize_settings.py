@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from models.export import export_fp32
 from models.quantize import (
     Int8Settings,
+    fuse_bank_product,
     nodes_to_quantize,
     patch_features,
     quantize_int8,
@@ -79,7 +80,8 @@ def test_default_keeps_the_stem_float_and_quantizes_the_other_convolutions(
     ops = quantized_op_types(default_int8)
     assert ops["Conv"] == len(convs) - 1
     assert ops.get("Add", 0) >= 1  # residuals
-    assert ops["MatMul"] == 1  # the bank product runs on int8 inputs by default
+    assert ops["MatMulIntegerToFloat"] == 1  # the bank product runs on int8 inputs by default
+    assert "MatMul" not in ops  # ... fused with its bias (fuse_bank_product)
 
 
 def test_default_activation_type_is_what_the_settings_say(default_int8: Path) -> None:
@@ -156,7 +158,7 @@ def test_an_int8_bank_is_requantized_by_set_bank(
 ) -> None:
     path = tmp_path / "bank8.onnx"
     path.write_bytes(default_int8.read_bytes())
-    assert quantized_op_types(path).get("MatMul") == 1
+    assert quantized_op_types(path).get("MatMulIntegerToFloat") == 1
     x = _images(6, 3, seed=5)
     before = _scores(path, x)
     assert float(np.max(np.abs(before - _scores(fp32, x)))) <= INT8_SCORE_TOL
@@ -192,3 +194,32 @@ def test_tensorrt_is_told_which_int8_graphs_it_cannot_take(fp32: Path, tmp_path:
     assert asymmetric_quantization(u8)  # uint8 activations with zero points
     assert asymmetric_quantization(s8) == []
     assert asymmetric_quantization(fp32) == []
+
+
+def test_the_fused_bank_product_computes_what_the_qdq_form_computes(
+    fp32: Path, tmp_path: Path
+) -> None:
+    """MatMulIntegerToFloat with the bank bias == DQ(q) @ DQ(bank) + bank_bias, bank swaps too."""
+    plain = quantize_int8(fp32, tmp_path / "qdq.onnx", _images(8, 3, seed=11), fuse=False)
+    assert quantized_op_types(plain).get("MatMul") == 1
+    fused = tmp_path / "fused.onnx"
+    fused.write_bytes(plain.read_bytes())
+    assert fuse_bank_product(fused)
+    assert not fuse_bank_product(fused)  # nothing left to fuse
+    model = _model(fused)
+    assert [n.op_type for n in model.graph.node if n.domain == "com.microsoft"] == [
+        "MatMulIntegerToFloat"
+    ]
+    assert not [n for n in model.graph.node if "bank_t_quantized" in n.input[:1]]  # no bank DQ
+    x = _images(6, 3, seed=5)
+    np.testing.assert_allclose(_scores(fused, x), _scores(plain, x), rtol=0, atol=1e-4)
+    feats = patch_features(fused, x)
+    np.testing.assert_array_equal(feats, patch_features(plain, x))
+    bank = patch_features(plain, _images(4, 3, seed=0))
+    for path in (plain, fused):
+        set_bank(path, bank)
+    np.testing.assert_allclose(_scores(fused, x), _scores(plain, x), rtol=0, atol=1e-4)
+    # a graph for TensorRT (symmetric int8) keeps the standard QDQ form
+    s8 = _quantize(fp32, tmp_path / "s8.onnx", Int8Settings(activations="s8"))
+    assert not [n for n in _model(s8).graph.node if n.domain == "com.microsoft"]
+    assert Int8Settings(activations="s8").describe()["bank_product"] == "QDQ MatMul + Add"
