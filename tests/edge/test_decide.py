@@ -106,3 +106,45 @@ def test_regions_stay_inside_frame(
         assert 0 <= r.y < fh
         assert r.x + r.w <= fw + 1
         assert r.y + r.h <= fh + 1
+
+
+def _regions_over_the_whole_map(
+    amap: np.ndarray, thr: float, scale_yx: tuple[float, float]
+) -> set[tuple[int, int, int, int, int, float]]:
+    """Reference: label the full map (what decide did before it labelled the mask's box)."""
+    import cv2
+
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(
+        (amap >= thr).astype(np.uint8), connectivity=8
+    )
+    sy, sx = scale_yx
+    out = set()
+    for i in range(1, n):
+        x, y, w, h, area = (int(v) for v in stats[i])
+        if round(area * (sy * sx)) == 0:
+            continue  # smaller than one frame pixel: decide drops it
+        out.add(
+            (
+                math.floor(x * sx),
+                math.floor(y * sy),
+                max(1, round(w * sx)),
+                max(1, round(h * sy)),
+                round(area * (sy * sx)),
+                float(amap[labels == i].max()),
+            )
+        )
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), fh=st.integers(16, 400), fw=st.integers(16, 400))
+def test_regions_match_labelling_the_whole_map(seed: int, fh: int, fw: int) -> None:
+    rng = np.random.default_rng(seed)
+    m = _map(48, 40)
+    for _ in range(int(rng.integers(1, 6))):  # a few blobs anywhere, edges included
+        y, x = int(rng.integers(0, 48)), int(rng.integers(0, 40))
+        h, w = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        m[y : y + h, x : x + w] = rng.uniform(1.0, 3.0, size=m[y : y + h, x : x + w].shape)
+    d = decide(5.0, m, (fh, fw), DecisionSettings(1.0, 1.0, max_regions=1000))
+    got = {(r.x, r.y, r.w, r.h, r.area_px, r.peak_score) for r in d.regions}
+    assert got == _regions_over_the_whole_map(m, 1.0, (fh / 48, fw / 40))
