@@ -367,7 +367,9 @@ def torch_model_for(pkg: Any) -> Any:
 
     PatchCore packages: the architecture from ``manifest.method`` and the input
     spec, the ImageNet trunk from its weights package, the memory bank from the
-    fp32 ONNX graph's initializer (``bank_t``, [D, M]).
+    fp32 ONNX graph's initializer (``bank_t``, [D, M]). A projection and the
+    image-level Gaussian are rebuilt as placeholders of the same shapes (same
+    compute; the scores differ, the timing is what this is for).
     """
     import dataclasses
 
@@ -386,13 +388,16 @@ def torch_model_for(pkg: Any) -> Any:
     kwargs["input_hw"] = (spec.height, spec.width)
     kwargs["in_channels"] = spec.channels
     features = PatchFeatures(PatchCoreConfig(**kwargs))
+    from models.quantize import BANK_NAME
+
     graph = onnx.load(str(pkg.graph_path("fp32")))
-    bank_t = None
-    for init in graph.graph.initializer:
-        if len(init.dims) == 2 and init.dims[0] == features.dim and init.dims[1] > 1:
-            bank_t = numpy_helper.to_array(init)
-            break
-    if bank_t is None:
+    bank_t = next(
+        (numpy_helper.to_array(i) for i in graph.graph.initializer if i.name == BANK_NAME), None
+    )
+    # [d, M]: d = the projected size with a projection (rebuilt as a random placeholder of
+    # the same shape: same compute, and the timing is what this is for)
+    dim = features.cfg.projection_dim or features.dim
+    if bank_t is None or bank_t.ndim != 2 or bank_t.shape[0] != dim:
         return None
     bank = torch.from_numpy(np.ascontiguousarray(bank_t.T))
     return PatchCoreGraph(features, bank, raw_scale=pkg.manifest.threshold.raw_scale)
@@ -404,9 +409,11 @@ def torch_speedup(package: Path, threads: int, runs: int, ort_mean_ms: float) ->
         import torch
     except ImportError:
         return None
+    from edge.backends.onnxruntime import auto_intra_op_threads
     from models.package import load_package
 
-    torch.set_num_threads(threads if threads > 0 else (os.cpu_count() or 1))
+    # the same count as the ONNX Runtime side (0 = the backend's auto rule)
+    torch.set_num_threads(threads if threads > 0 else auto_intra_op_threads())
     with load_package(package) as pkg:
         try:
             model = torch_model_for(pkg)
