@@ -54,6 +54,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         help="per-image standardisation inside the graph (default: the shipped setting)",
     )
+    p.add_argument(
+        "--brightness-margin",
+        type=float,
+        help="brightness check: flag beyond this x the highest held-out good (0 = off)",
+    )
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 export")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 graph (FP32 only)")
     return p.parse_args(argv)
@@ -87,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "projection_dim": args.projection_dim,
         "global_pool": args.global_pool,
         "standardize_input": args.standardize_input,
+        "brightness_margin": args.brightness_margin,
     }
     s = replace(s, **{k: v for k, v in over.items() if v is not None})
     if args.no_fp16:

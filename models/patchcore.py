@@ -26,6 +26,14 @@ a small edge backbone and to a single exportable graph:
 Optionally (``standardize_input``) each image is standardised (zero mean, unit variance,
 then the fixed mean 128 / std 40 in pixel units) inside the graph before the trunk.
 
+Optionally (``brightness_margin`` > 0) a brightness check: the Mahalanobis distance of the
+input image's own mean and standard deviation (over all pixels and channels, in the input
+normalisation, before any standardisation) to a 2-d Gaussian fitted on the good images,
+divided by ``margin x`` the highest held-out good distance, and the normalised score is the
+maximum of the two (so 1.0 stays the threshold of both). With ``standardize_input`` it gives
+back what the standardisation removes: a part that is only too dark, too bright or too flat
+is still flagged. A maximum, not a sum: added, the term's noise on ordinary parts cost AUROC.
+
 Both outputs are divided by ``raw_scale`` (see :mod:`models.threshold`) inside the graph.
 
 Train-only module: it imports torch.
@@ -54,6 +62,17 @@ STANDARD_MEAN, STANDARD_STD = 128.0, 40.0
 #: Variance floor of the per-image standardisation (normalised units; a flat image maps to
 #: the target mean instead of dividing by zero).
 STANDARD_EPS = 1e-6
+
+
+def image_stats(image: torch.Tensor) -> torch.Tensor:
+    """Per-image mean and standard deviation over all pixels and channels: [N, 2].
+
+    In the trunk's input normalisation (``pixel / 127.5 - 1``); the brightness check's input.
+    """
+    mean = image.mean(dim=(1, 2, 3), keepdim=True)
+    centred = image - mean
+    std = torch.sqrt((centred * centred).mean(dim=(1, 2, 3)))
+    return torch.stack([mean.flatten(), std], dim=1)
 
 
 def standardize(image: torch.Tensor) -> torch.Tensor:
@@ -98,12 +117,18 @@ class PatchCoreConfig:
     #: over all pixels and channels, then mapped to mean 128 / std 40 in pixel units) before
     #: the trunk. The graph then no longer sees an image's overall brightness or contrast.
     standardize_input: bool = False
+    #: Brightness check: the score is at least the Mahalanobis distance of the image's mean
+    #: and standard deviation to the good images' over ``margin x`` the highest held-out good
+    #: distance; 0 = no such check (packages without the key).
+    brightness_margin: float = 0.0
 
     def __post_init__(self) -> None:
         if self.global_pool not in GLOBAL_POOLS:
             raise ValueError(
                 f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, not {self.global_pool!r}"
             )
+        if not self.brightness_margin >= 0:
+            raise ValueError(f"brightness_margin must be >= 0, not {self.brightness_margin}")
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -253,6 +278,9 @@ class PatchCoreGraph(nn.Module):
     g_whiten: torch.Tensor
     g_gain: torch.Tensor
     map_gain: torch.Tensor
+    b_mean: torch.Tensor
+    b_whiten: torch.Tensor
+    b_gain: torch.Tensor
 
     def __init__(
         self,
@@ -261,14 +289,21 @@ class PatchCoreGraph(nn.Module):
         raw_scale: float = 1.0,
         gaussian: GlobalGaussian | None = None,
         projection: torch.Tensor | None = None,
+        *,
+        brightness: GlobalGaussian | None = None,
     ) -> None:
         """``bank`` [M, d]: bank entries in the (projected) feature space; ``projection``
         [D, d] with ``cfg.projection_dim`` = d (a random orthonormal placeholder if None, e.g.
-        for a graph rebuilt for timing)."""
+        for a graph rebuilt for timing). ``brightness``: the fitted 2-d Gaussian of the images'
+        mean and standard deviation (with ``cfg.brightness_margin`` > 0); its ``gain`` is the
+        factor that maps the distance to normalised score units (1 / (margin x highest
+        held-out good distance))."""
         super().__init__()
         cfg = features.cfg
         if gaussian is not None and not cfg.global_stages:
             raise ValueError("a Gaussian was given but cfg.global_stages is empty")
+        if brightness is not None and not cfg.brightness_margin > 0:
+            raise ValueError("a brightness Gaussian was given but cfg.brightness_margin is 0")
         self.cfg = cfg
         self.features = features
         self.has_projection = cfg.projection_dim > 0
@@ -301,6 +336,10 @@ class PatchCoreGraph(nn.Module):
             # placeholder with gain 0: same compute, global term 0 until set_gaussian().
             dim = features.global_dim
             self.set_gaussian(gaussian or GlobalGaussian(torch.zeros(dim), torch.eye(dim), 0.0))
+        self.has_brightness = cfg.brightness_margin > 0
+        if self.has_brightness:
+            # placeholder (gain 0) until set_brightness(), like the Gaussian branch's
+            self.set_brightness(brightness or GlobalGaussian(torch.zeros(2), torch.eye(2), 0.0))
 
     def set_gaussian(self, gaussian: GlobalGaussian) -> None:
         """Install (or replace) the fitted image-level Gaussian and its gain."""
@@ -314,6 +353,23 @@ class PatchCoreGraph(nn.Module):
         self.register_buffer(
             "map_gain", torch.tensor(1.0 + self.cfg.global_weight, dtype=torch.float32)
         )
+
+    def set_brightness(self, brightness: GlobalGaussian) -> None:
+        """Install (or replace) the fitted brightness Gaussian and its gain."""
+        if not self.has_brightness:
+            raise ValueError("this graph has no brightness check (cfg.brightness_margin is 0)")
+        if tuple(brightness.mean.shape) != (2,) or tuple(brightness.whiten.shape) != (2, 2):
+            raise ValueError("the brightness Gaussian must be 2-d (image mean and std)")
+        self.register_buffer("b_mean", brightness.mean.float().clone())
+        self.register_buffer("b_whiten", brightness.whiten.float().clone())
+        self.register_buffer("b_gain", torch.tensor(brightness.gain, dtype=torch.float32))
+
+    def brightness_distance(self, image: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance [N] of the images' mean and std, unscaled by the gain."""
+        if not self.has_brightness:
+            raise ValueError("this graph has no brightness check")
+        z = torch.matmul(image_stats(image) - self.b_mean, self.b_whiten)
+        return torch.sqrt((z * z).sum(dim=1))
 
     def set_raw_scale(self, raw_scale: float) -> None:
         """Set the normalisation so that score == 1.0 at the chosen raw threshold."""
@@ -363,6 +419,10 @@ class PatchCoreGraph(nn.Module):
             score = score + self.g_gain * gdist
             grid_map = grid_map * self.map_gain
         score = score * self.inv_scale
+        if self.has_brightness:
+            # in normalised units, after the Gaussian's Add (which the INT8 refit finds by its
+            # patch-score input) and the scale (which each graph re-chooses for itself)
+            score = torch.maximum(score, self.b_gain * self.brightness_distance(image))
         amap = F.interpolate(
             grid_map.unsqueeze(1), size=self.cfg.input_hw, mode="bilinear", align_corners=False
         ).squeeze(1)

@@ -43,6 +43,7 @@ from models.patchcore import (
     PatchCoreGraph,
     PatchFeatures,
     greedy_coreset,
+    image_stats,
     pca_projection,
 )
 from models.quantize import (
@@ -99,6 +100,11 @@ class TeachSettings:
     #: units) inside the graph before the backbone; overall brightness/contrast then no
     #: longer count.
     standardize_input: bool = False
+    #: Brightness check: a part whose image mean/std lies further from the good images'
+    #: (Mahalanobis, 2-d Gaussian) than ``margin x`` the highest held-out good is flagged
+    #: (score = max(score, distance / that)); 0 = off. Gives a standardised graph back its
+    #: sight of overall brightness and contrast.
+    brightness_margin: float = 0.0
     bank_size: int = 2000
     coreset_candidates: int = 60_000
     holdout_fraction: float = 0.1
@@ -130,6 +136,11 @@ class TeachSettings:
                     f"TeachSettings.{name} must be one of {', '.join(allowed)}, "
                     f"not {getattr(self, name)!r}"
                 )
+        if not self.brightness_margin >= 0:
+            raise ValueError(
+                f"TeachSettings.brightness_margin must be >= 0 (0 = off), not "
+                f"{self.brightness_margin}"
+            )
         if self.projection_dim < 0:
             raise ValueError(
                 f"TeachSettings.projection_dim must be >= 0 (0 = off), not {self.projection_dim}"
@@ -151,6 +162,7 @@ class TeachSettings:
             projection_dim=self.projection_dim,
             global_pool=self.global_pool,
             standardize_input=self.standardize_input,
+            brightness_margin=self.brightness_margin,
         )
 
 
@@ -227,6 +239,9 @@ def fit_graph(
     gaussian = None
     if cfg.global_stages:
         gaussian = GlobalGaussian.fit(torch.cat([g for _, g in outs]))
+    brightness = None
+    if cfg.brightness_margin > 0:
+        brightness = GlobalGaussian.fit(image_stats(torch.from_numpy(x)))
     projection = None
     if cfg.projection_dim:
         projection = pca_projection(patches, cfg.projection_dim, seed=s.seed)
@@ -235,7 +250,12 @@ def fit_graph(
     bank = greedy_coreset(patches, s.bank_size, seed=s.seed, candidate_limit=s.coreset_candidates)
     log.info("coreset %d of %d patches in %.1f s", len(bank), len(patches), time.monotonic() - t0)
     return PatchCoreGraph(
-        features, bank, raw_scale=1.0, gaussian=gaussian, projection=projection
+        features,
+        bank,
+        raw_scale=1.0,
+        gaussian=gaussian,
+        projection=projection,
+        brightness=brightness,
     ).eval()
 
 
@@ -246,23 +266,33 @@ def holdout_scores(
 
     gain = weight * median(patch score) / median(Mahalanobis distance), both over the
     held-out goods, so that with weight 1 both terms count alike on a typical good part.
-    Returns the raw (unnormalised) scores with that gain, and the medians and gain (recorded
-    in the manifest; empty without the global branch). One pass over the held-out goods.
+    With the brightness check, its gain is ``1 / (brightness_margin x highest held-out good
+    distance)`` (recorded as ``brightness_max`` / ``brightness_gain``); it acts on normalised
+    scores (a maximum), so the raw scores returned do not include it.
+    Returns the raw (unnormalised) scores, and the medians and gains (recorded in the
+    manifest; empty without either). One pass over the held-out goods.
     """
 
-    def both(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def terms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pmap, g = graph.branches(t)
-        return graph.patch_score(pmap), g if g is not None else torch.zeros(len(t))
+        b = graph.brightness_distance(t) if graph.has_brightness else torch.zeros(len(t))
+        return graph.patch_score(pmap), g if g is not None else torch.zeros(len(t)), b
 
-    outs = _run_torch(both, x_hold, s.batch_size, "holdout", progress)
-    patch = torch.cat([p for p, _ in outs]).double()
-    if not graph.has_global:
-        return patch.float().numpy(), {}
-    dist = torch.cat([g for _, g in outs]).double()
-    fit = gaussian_gain(s.global_weight, patch.numpy(), dist.numpy())
-    graph.set_gaussian(GlobalGaussian(graph.g_mean, graph.g_whiten, fit["gain"]))
-    raw = (patch + fit["gain"] * dist).float().numpy()
-    return raw, fit
+    outs = _run_torch(terms, x_hold, s.batch_size, "holdout", progress)
+    patch = torch.cat([p for p, _, _ in outs]).double()
+    raw = patch.clone()
+    fit: dict[str, float] = {}
+    if graph.has_global:
+        dist = torch.cat([g for _, g, _ in outs]).double()
+        fit = gaussian_gain(s.global_weight, patch.numpy(), dist.numpy())
+        graph.set_gaussian(GlobalGaussian(graph.g_mean, graph.g_whiten, fit["gain"]))
+        raw = raw + fit["gain"] * dist
+    if graph.has_brightness:
+        bmax = float(torch.cat([b for _, _, b in outs]).max())
+        bgain = 1.0 / (s.brightness_margin * max(bmax, 1e-12))
+        graph.set_brightness(GlobalGaussian(graph.b_mean, graph.b_whiten, bgain))
+        fit |= {"brightness_max": bmax, "brightness_gain": bgain}
+    return raw.float().numpy(), fit
 
 
 def gaussian_gain(
@@ -366,6 +396,10 @@ def teach(
     thr = choose_threshold(raw, thr_rule)
     graph.set_raw_scale(thr.raw_scale)
     torch_hold = raw / thr.raw_scale
+    if graph.has_brightness:  # the check acts on normalised scores (a maximum)
+        with torch.no_grad():
+            bdist = graph.brightness_distance(torch.from_numpy(x_hold)).numpy()
+        torch_hold = np.maximum(torch_hold, float(graph.b_gain) * bdist)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     graphs = {"fp32": "model_fp32.onnx"}
@@ -483,11 +517,18 @@ def teach(
             f" ({cfg.global_pool.replace('_', '+')})"
             if cfg.global_stages
             else ""
+        )
+        + (
+            f"; at least the Mahalanobis distance of the image's mean and std over"
+            f" {cfg.brightness_margin} x the highest held-out good's (brightness check)"
+            if cfg.brightness_margin > 0
+            else ""
         ),
         "global_stages": list(cfg.global_stages),
         "global_weight": cfg.global_weight,
         "global_pool": cfg.global_pool,
         "standardize_input": cfg.standardize_input,
+        "brightness_margin": cfg.brightness_margin,
         "global_fit": global_fit,
         "settings": {k: v for k, v in asdict(s).items() if k != "extra"} | s.extra,
         "images": {
