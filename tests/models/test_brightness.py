@@ -31,24 +31,15 @@ from models.patchcore import (
 from models.quantize import Int8Settings, quantize_int8
 from models.teach import TeachSettings, fit_int8, holdout_scores
 from tests.models.test_export import _images, ort_session
+from tests.models.test_standardize_pool import _cfg as _std_cfg
 
 FP32_TOL = 1e-4
 MARGIN = 1.5
 
 
 def _cfg(channels: int, **kw: object) -> PatchCoreConfig:
-    base: dict[str, object] = {
-        "input_hw": (64, 64),
-        "in_channels": channels,
-        "stages": (2, 4),
-        "top_k": 3,
-        "global_stages": (3, 4),
-        "global_pool": "mean_std",
-        "standardize_input": True,
-        "brightness_margin": MARGIN,
-    }
-    base.update(kw)
-    return PatchCoreConfig(**base)  # type: ignore[arg-type]
+    """The standardised toy configuration of test_standardize_pool, with the check on."""
+    return _std_cfg(channels, **{"brightness_margin": MARGIN, **kw})
 
 
 def _fit(
