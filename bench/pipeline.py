@@ -381,6 +381,7 @@ def torch_model_for(pkg: Any) -> Any:
     if method.get("kind") != "patchcore":
         return None
     from models.patchcore import PatchCoreConfig, PatchCoreGraph, PatchFeatures
+    from models.quantize import BANK_NAME
 
     spec = pkg.input_spec
     fields = {f.name for f in dataclasses.fields(PatchCoreConfig)}
@@ -388,8 +389,6 @@ def torch_model_for(pkg: Any) -> Any:
     kwargs["input_hw"] = (spec.height, spec.width)
     kwargs["in_channels"] = spec.channels
     features = PatchFeatures(PatchCoreConfig(**kwargs))
-    from models.quantize import BANK_NAME
-
     graph = onnx.load(str(pkg.graph_path("fp32")))
     bank_t = next(
         (numpy_helper.to_array(i) for i in graph.graph.initializer if i.name == BANK_NAME), None

@@ -130,8 +130,9 @@ def _regions(
     # part of the map, and labelling the whole map cost ~0.6 ms (256 x 256) where the box
     # of a typical defect takes a few tens of microseconds; nothing outside it is set.
     oy, ox = int(rows[0]), int(cols[0])
-    amap = amap[oy : int(rows[-1]) + 1, ox : int(cols[-1]) + 1]
-    crop = np.ascontiguousarray(mask[oy : int(rows[-1]) + 1, ox : int(cols[-1]) + 1])
+    box_y, box_x = slice(oy, int(rows[-1]) + 1), slice(ox, int(cols[-1]) + 1)
+    amap = amap[box_y, box_x]
+    crop = np.ascontiguousarray(mask[box_y, box_x])
     n, labels, stats, _ = cv2.connectedComponentsWithStats(crop.view(np.uint8), connectivity=8)
     sy, sx = scale_yx
     px_area = sy * sx

@@ -391,7 +391,7 @@ def preprocess_image(
     # last axis of 3 runs numpy's inner loop 3 elements at a time (several times slower).
     # The planes come from cv2.split: a strided uint8 transpose cost 0.11 ms of the 0.17 ms
     # this function took for a 256 x 256 colour image (now 0.07 ms; bit-identical output).
-    c, hh, ww = pixels.shape[2], pixels.shape[0], pixels.shape[1]
+    hh, ww, c = pixels.shape
     x = np.empty((c, hh, ww), dtype=np.float32)
     for i, plane in enumerate(cv2.split(pixels) if c > 1 else [pixels[:, :, 0]]):
         x[i] = plane

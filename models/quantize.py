@@ -309,6 +309,15 @@ def quantize_int8(
     return out_path
 
 
+def _is_bank_dq(node: Any) -> bool:
+    """Whether ``node`` (or None) is the ``DequantizeLinear`` of the quantized memory bank."""
+    return (
+        node is not None
+        and node.op_type == "DequantizeLinear"
+        and str(node.input[0]).startswith(BANK_NAME)
+    )
+
+
 def fuse_bank_product(path: Path) -> bool:
     """Rewrite the QDQ bank product + bias of an INT8 graph as one ``MatMulIntegerToFloat``.
 
@@ -334,14 +343,9 @@ def fuse_bank_product(path: Path) -> bool:
         if mm.op_type != "MatMul" or len(mm.input) != 2:
             continue
         dq_a, dq_b = producers.get(mm.input[0]), producers.get(mm.input[1])
-        if (
-            dq_a is None
-            or dq_b is None
-            or dq_a.op_type != "DequantizeLinear"
-            or dq_b.op_type != "DequantizeLinear"
-            or not dq_b.input[0].startswith(BANK_NAME)
-        ):
+        if dq_a is None or dq_a.op_type != "DequantizeLinear" or not _is_bank_dq(dq_b):
             continue
+        assert dq_b is not None
         users = consumers.get(mm.output[0], [])
         if len(users) != 1 or users[0].op_type != "Add" or BANK_BIAS_NAME not in users[0].input:
             raise ValueError(f"{path}: the bank product does not feed the {BANK_BIAS_NAME} Add")
@@ -420,10 +424,7 @@ def _bank_matmul_input(model: Any) -> str:
             return str(q.input[0])
         if n.op_type != "MatMul" or len(n.input) != 2:
             continue
-        b = producers.get(n.input[1])
-        if n.input[1] == BANK_NAME or (
-            b is not None and b.op_type == "DequantizeLinear" and b.input[0].startswith(BANK_NAME)
-        ):
+        if n.input[1] == BANK_NAME or _is_bank_dq(producers.get(n.input[1])):
             a = producers.get(n.input[0])
             # a quantized query: read the float tensor before its QuantizeLinear
             if a is not None and a.op_type == "DequantizeLinear":
