@@ -890,7 +890,9 @@ class _PartStep:
     """One triggered part's inspection in two halves (a :class:`plc.service.TwoPhaseStep`).
 
     ``begin`` preprocesses the grabbed frame and starts (or queues) its
-    inference; ``finish`` waits for it, decides, commits and reports. The PLC's
+    inference; ``finish`` waits for it, decides, commits and reports (or
+    returns the verdict the backend's thread already committed and reported,
+    see :meth:`edge.pipeline.Pipeline.finish`). The PLC's
     inspection thread begins the next waiting part before finishing this one;
     calling the step runs both halves in order.
     """

@@ -21,6 +21,14 @@ still runs part N, queued behind it, so the backend goes from N to N+1 with
 no hand-off between threads, and deciding, committing and reporting N run
 while the backend works on N+1 (see :meth:`Pipeline.run_overlapped`).
 
+When the backend returns a part and no other part waits behind it (triggered
+mode, a slow camera), its own thread runs 3-5 for that part right away (the
+watchdog's ``on_return`` hook), so the verdict does not wait for a hand-off
+back to the thread that began the part; :meth:`Pipeline.finish` then returns
+that verdict. Parts are still committed in the order begun, and exactly one
+thread commits each part (a caller past the deadline commits the ERROR; the
+late result of a hung backend is dropped).
+
 Any fault on the way (bad frame, backend error or hang, store failure) makes
 an ERROR verdict: a fault never looks like OK.
 """
@@ -257,6 +265,22 @@ class PartInFlight:
     """Why this part is an ERROR, once known (bad frame, backend fault, ...)."""
     output: BackendOutput | None = None
     collected: bool = False
+    after: threading.Event | None = None
+    """The previous begun part's :attr:`finished` (parts are committed in the order begun)."""
+    finished: threading.Event = dataclasses.field(default_factory=threading.Event)
+    """Set once the part's verdict is committed and reported (:attr:`verdict`)."""
+    verdict: Verdict | None = None
+    claimed: bool = False
+    """True once a thread has taken on committing this part (exactly one does)."""
+    claim_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def claim(self) -> bool:
+        """Take on committing this part; False when another thread already has."""
+        with self.claim_lock:
+            if self.claimed:
+                return False
+            self.claimed = True
+            return True
 
 
 class _Rolling:
@@ -316,6 +340,8 @@ class Pipeline:
         self._counts = {VerdictCode.OK: 0, VerdictCode.NG: 0, VerdictCode.ERROR: 0}
         self._not_stored = 0
         self._last_id: int | None = None
+        self._last_begun: threading.Event | None = None
+        """The last begun part's ``finished``: the next part is committed after it."""
         self._total = _Rolling()
         self._infer = _Rolling()
         self._commit = _Rolling()
@@ -367,7 +393,8 @@ class Pipeline:
     def _begin(self, frame: Frame) -> PartInFlight:
         t0 = time.perf_counter()
         state = self._state
-        part = PartInFlight(frame, state, t0, {})
+        part = PartInFlight(frame, state, t0, {}, after=self._last_begun)
+        self._last_begun = part.finished
         if state is None or not self.running:
             part.error = "no model loaded" if state is None else "pipeline stopped"
             part.collected = True
@@ -383,7 +410,7 @@ class Pipeline:
         t1 = time.perf_counter()
         part.timings["preprocess"] = (t1 - t0) * 1000.0
         try:
-            part.call = state.runner.submit(x)
+            part.call = state.runner.submit(x, on_return=self._on_return(part))
         except BackendError as exc:
             part.timings["infer"] = (time.perf_counter() - t1) * 1000.0
             part.error = str(exc)
@@ -407,9 +434,64 @@ class Pipeline:
         if part.output is not None:
             self._infer.add(part.timings["infer"])
 
+    def _on_return(self, part: PartInFlight) -> Callable[[InferenceCall, BackendOutput], None]:
+        def finish_on_backend_thread(call: InferenceCall, out: BackendOutput) -> None:
+            """The backend returned and no part waits behind it: finish the part right here.
+
+            Only when every part begun before it is committed (ids stay in
+            the order begun) and no other thread took it on (a caller whose
+            deadline passed meanwhile); its caller's :meth:`finish` then
+            returns this verdict.
+            """
+            call.on_return = None  # no cycle part -> call -> hook -> part
+            after = part.after
+            if (after is not None and not after.is_set()) or not part.claim():
+                return
+            part.output = out
+            part.timings["infer"] = call.latency_ms
+            try:
+                self._complete(part)
+            except Exception:
+                log.exception("finishing frame %d failed", part.frame.sequence)
+
+        return finish_on_backend_thread
+
     def finish(self, part: PartInFlight) -> Verdict:
-        """Decide, commit and report a begun part; the verdict returned is committed."""
+        """Decide, commit and report a begun part; the verdict returned is committed.
+
+        When the backend's thread has already finished the part (see
+        :meth:`InferenceRunner.submit`'s ``on_return``), this returns that verdict.
+        """
         self.collect(part)
+        if part.call is not None:
+            part.call.on_return = None
+        if not part.claim():  # the backend's thread has taken it on
+            part.finished.wait()
+            if part.verdict is None:
+                raise RuntimeError(f"finishing frame {part.frame.sequence} failed (logged)")
+            return part.verdict
+        return self._complete(part)
+
+    def _complete(self, part: PartInFlight) -> Verdict:
+        """Decide (or ERROR), commit and report a claimed part; sets its ``finished``.
+
+        Deciding that raises makes the part an ERROR (never a lost part).
+        """
+        try:
+            try:
+                part.verdict = self._decide_and_finish(part)
+            except Exception as exc:
+                if part.output is None:
+                    raise
+                log.exception("deciding frame %d failed", part.frame.sequence)
+                part.output, part.error = None, f"deciding failed: {exc!r}"
+                part.verdict = self._decide_and_finish(part)
+        finally:
+            part.after = None
+            part.finished.set()
+        return part.verdict
+
+    def _decide_and_finish(self, part: PartInFlight) -> Verdict:
         frame, state = part.frame, part.state
         pixel_thr = state.settings.pixel_threshold if state else 1.0
 

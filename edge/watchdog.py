@@ -19,6 +19,13 @@ starts it the moment N returns, with no thread hand-off in between); the
 deadline counts from when the backend starts a call, and a call still waiting
 when the running one hangs fails at once ("backend recovering").
 
+A call may carry an ``on_return`` hook that the backend's thread runs as soon
+as the call returns a result, when no other call waits behind it: the
+pipeline finishes the part there (decide, commit, report), so a verdict does
+not wait for the hand-off back to the caller's thread. The caller still
+collects the call with :meth:`InferenceRunner.result` (which then finds it
+done); a hang is detected there, at the deadline, as before.
+
 Replacement happens on a recovery thread while further parts get ERROR
 verdicts straight away ("backend recovering"): the candidates (primary, then
 fallback) are tried in turn starting after the one that failed, so with a
@@ -79,6 +86,9 @@ class InferenceCall:
     """``time.perf_counter()`` when the backend started it (0.0 while it waits)."""
     returned: float = 0.0
     """``time.perf_counter()`` when the backend returned (0.0 while it runs)."""
+    on_return: Callable[[InferenceCall, BackendOutput], None] | None = None
+    """Runs on the backend's thread when the call returns a result and no other call
+    waits behind it, before :meth:`InferenceRunner.result` sees it (see ``submit``)."""
 
     @property
     def latency_ms(self) -> float:
@@ -112,8 +122,13 @@ class _Worker:
         self._thread = threading.Thread(target=self._loop, name=f"backend-{label}", daemon=True)
         self._thread.start()
 
-    def submit(self, x: FloatArray) -> InferenceCall:
+    def submit(
+        self,
+        x: FloatArray,
+        on_return: Callable[[InferenceCall, BackendOutput], None] | None = None,
+    ) -> InferenceCall:
         call = InferenceCall(self, concurrent.futures.Future(), time.perf_counter())
+        call.on_return = on_return
         if self.abandoned.is_set():
             self._fail(call, BackendRecoveringError(RECOVERING))
             return call
@@ -170,6 +185,14 @@ class _Worker:
                 fut.set_exception(exc)
             else:
                 call.returned = time.perf_counter()
+                hook = call.on_return
+                # only when no part waits behind this one: the backend goes on to a
+                # waiting part at once, and its caller finishes this one meanwhile
+                if hook is not None and self._jobs.empty() and not self.abandoned.is_set():
+                    try:
+                        hook(call, out)
+                    except Exception:
+                        log.exception("on_return hook of a backend call failed")
                 fut.set_result(out)
             if self.abandoned.is_set():
                 break
@@ -268,34 +291,55 @@ class InferenceRunner:
         """Run the live backend on ``x`` within the deadline; raises :class:`BackendError`."""
         return self.result(self.submit(x))
 
-    def submit(self, x: FloatArray) -> InferenceCall:
+    def submit(
+        self,
+        x: FloatArray,
+        on_return: Callable[[InferenceCall, BackendOutput], None] | None = None,
+    ) -> InferenceCall:
         """Start the live backend on ``x`` (returns at once); raises :class:`BackendError`.
 
         At most two calls are in flight: the running one and one waiting
         behind it (a third fails as busy). Collect them with :meth:`result`
         in submit order.
+
+        ``on_return(call, output)``, when given, runs on the backend's thread
+        right after the call returned a result, before :meth:`result` sees
+        it, unless another call is already waiting behind it (the backend then
+        starts that one at once) or the worker was abandoned. The pipeline
+        finishes the part there (decide, commit, report), so its verdict does
+        not wait for a hand-off back to the caller's thread. A hook that
+        raises is logged; the call's result is unaffected. The deadline counts
+        the backend's own time only: once the backend has returned within it,
+        :meth:`result` waits for the hook to end.
         """
         with self._lock:
             worker = self._worker
             recovering = self._recovering
         if worker is None or recovering:
             raise BackendRecoveringError(RECOVERING)
-        return worker.submit(x)
+        return worker.submit(x, on_return)
 
     def result(self, call: InferenceCall) -> BackendOutput:
         """The outcome of a :meth:`submit`, waiting at most until its deadline.
 
         The deadline counts from when the backend started the call (from now
         when it has not started yet: the call before it is collected first, so
-        it is about to start). Raises :class:`BackendTimeoutError` (hang: the
-        backend is replaced, a call waiting behind it fails), and
-        :class:`BackendError` (the call failed).
+        it is about to start); a call whose backend returned within it is not
+        a hang even while its ``on_return`` hook still runs (this waits for
+        the hook). Raises :class:`BackendTimeoutError` (hang: the backend is
+        replaced, a call waiting behind it fails), and :class:`BackendError`
+        (the call failed).
         """
         worker, fut = call.worker, call.future
         try:
             start = call.started or time.perf_counter()
             wait_s = max(0.0, start + self.deadline_s - time.perf_counter())
-            out = fut.result(timeout=wait_s)
+            try:
+                out = fut.result(timeout=wait_s)
+            except concurrent.futures.TimeoutError:
+                if not self._returned_in_time(call):
+                    raise
+                out = fut.result()  # returned in time: its on_return hook is finishing the part
         except concurrent.futures.TimeoutError:
             self.hangs += 1
             worker.abandoned.set()
@@ -347,6 +391,15 @@ class InferenceRunner:
             with self._lock:
                 self._errors_in_row = 0
         return out
+
+    def _returned_in_time(self, call: InferenceCall) -> bool:
+        """Whether a call not done by its deadline had its backend return within it.
+
+        Its result is then on the way (the backend's thread runs the call's
+        ``on_return`` hook first): not a hang.
+        """
+        returned, started = call.returned, call.started
+        return bool(returned and started and returned - started <= self.deadline_s)
 
     # -- recovery -------------------------------------------------------------------
     def _recover(self, failed: _Worker) -> None:
