@@ -59,6 +59,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         help="brightness check: flag beyond this x the highest held-out good (0 = off)",
     )
+    p.add_argument(
+        "--flip-views",
+        choices=("none", "h", "v", "hv"),
+        help="mirrored views scored with each image (maps averaged, bank from every view)",
+    )
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 export")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 graph (FP32 only)")
     return p.parse_args(argv)
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "global_pool": args.global_pool,
         "standardize_input": args.standardize_input,
         "brightness_margin": args.brightness_margin,
+        "flip_views": args.flip_views,
     }
     s = replace(s, **{k: v for k, v in over.items() if v is not None})
     if args.no_fp16:

@@ -23,6 +23,14 @@ a small edge backbone and to a single exportable graph:
    same held-out-good median (see :class:`GlobalGaussian`). It catches global defects
    (uneven texture, fray) that no single patch shows.
 
+Optionally (``flip_views``) each image is also seen mirrored (test-time augmentation inside
+the graph): the image and its horizontal (``h``), vertical (``v``) or both single flips
+(``hv``: three views) go through the trunk as one batch; each view's patch-distance map is
+flipped back and the maps are averaged, and the pooled features of the global branch are
+averaged over the views. The memory bank is built from the patches of every view, so a good
+part's mirrored patches are known goods. Meant for parts whose mirror image is as good as the
+part itself (textures, symmetric parts); it makes the model blind to a mirrored part.
+
 Optionally (``standardize_input``) each image is standardised (zero mean, unit variance,
 then the fixed mean 128 / std 40 in pixel units) inside the graph before the trunk.
 
@@ -59,6 +67,14 @@ GLOBAL_POOLS = ("mean", "mean_std", "mean_std_skew")
 SKEW_EPS = 1e-3
 #: Per-image standardisation target in pixel units (``PatchCoreConfig.standardize_input``).
 STANDARD_MEAN, STANDARD_STD = 128.0, 40.0
+#: Choices of ``PatchCoreConfig.flip_views`` and the flips (tensor dims of [N, C, H, W]) of
+#: each view after the image itself.
+FLIP_VIEWS: dict[str, tuple[tuple[int, ...], ...]] = {
+    "none": (),
+    "h": ((3,),),
+    "v": ((2,),),
+    "hv": ((3,), (2,)),
+}
 #: Variance floor of the per-image standardisation (normalised units; a flat image maps to
 #: the target mean instead of dividing by zero).
 STANDARD_EPS = 1e-6
@@ -121,14 +137,26 @@ class PatchCoreConfig:
     #: and standard deviation to the good images' over ``margin x`` the highest held-out good
     #: distance; 0 = no such check (packages without the key).
     brightness_margin: float = 0.0
+    #: Mirrored views of each image scored with it (see the module docstring): ``none``,
+    #: ``h`` (horizontal flip), ``v`` (vertical) or ``hv`` (both, three views in all).
+    flip_views: str = "none"
 
     def __post_init__(self) -> None:
+        if self.flip_views not in FLIP_VIEWS:
+            raise ValueError(
+                f"flip_views must be one of {', '.join(FLIP_VIEWS)}, not {self.flip_views!r}"
+            )
         if self.global_pool not in GLOBAL_POOLS:
             raise ValueError(
                 f"global_pool must be one of {', '.join(GLOBAL_POOLS)}, not {self.global_pool!r}"
             )
         if not self.brightness_margin >= 0:
             raise ValueError(f"brightness_margin must be >= 0, not {self.brightness_margin}")
+
+    @property
+    def n_views(self) -> int:
+        """How many views of each image the graph scores (1 without flip views)."""
+        return 1 + len(FLIP_VIEWS[self.flip_views])
 
     @property
     def grid_hw(self) -> tuple[int, int]:
@@ -181,11 +209,14 @@ class PatchFeatures(nn.Module):
     def forward(
         self, image: torch.Tensor, with_pooled: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        """Aggregated patch features on the patch grid [N, D, gh, gw].
+        """Aggregated patch features on the patch grid [V * N, D, gh, gw].
 
-        With ``with_pooled``, also the image-pooled features [N, Dg] of the global stages
-        (None without them). Call the module (not a method) so that exported node names keep
-        the ``/features/trunk/`` scope the INT8 quantizer selects by.
+        V = ``cfg.n_views``: with flip views, the rows are view-major (the N images, then
+        their first flipped view, ...), each view's map as the trunk saw it (not flipped
+        back). With ``with_pooled``, also the image-pooled features [N, Dg] of the global
+        stages, averaged over the views (None without them). Call the module (not a method)
+        so that exported node names keep the ``/features/trunk/`` scope the INT8 quantizer
+        selects by.
         """
         feat, pooled = self._compute(image)
         return (feat, pooled) if with_pooled else feat
@@ -200,6 +231,9 @@ class PatchFeatures(nn.Module):
         grid = self.cfg.grid_hw
         if self.cfg.standardize_input:
             image = standardize(image)
+        views = FLIP_VIEWS[self.cfg.flip_views]
+        if views:
+            image = torch.cat([image] + [image.flip(dims) for dims in views], dim=0)
         taps = dict(zip(self.taps, self.trunk(image), strict=True))
         pooled = None
         if self.cfg.global_stages:
@@ -214,6 +248,8 @@ class PatchFeatures(nn.Module):
                     if self.cfg.global_pool == "mean_std_skew":
                         parts.append((c * c * c).mean(dim=(2, 3)) / (sd + SKEW_EPS) ** 3)
             pooled = torch.cat(parts, dim=1)
+            if views:  # [V * N, Dg] -> the mean over views [N, Dg]
+                pooled = pooled.reshape(len(views) + 1, -1, pooled.shape[1]).mean(dim=0)
         maps = []
         for s in sorted(set(self.cfg.stages)):
             f = taps[s]
@@ -402,6 +438,13 @@ class PatchCoreGraph(nn.Module):
         best = (torch.matmul(q, self.bank_t) + self.bank_bias).max(dim=-1).values  # [N, P]
         d2 = (q * q).sum(-1) - 2.0 * best
         dist = torch.sqrt(torch.clamp(d2, min=0.0)).reshape(n, gh, gw)
+        views = FLIP_VIEWS[self.cfg.flip_views]
+        if views:  # [V * N, gh, gw]: flip each view's map back, average over the views
+            per_view = dist.reshape(len(views) + 1, -1, gh, gw)
+            dist = per_view[0]
+            for i, dims in enumerate(views, start=1):
+                dist = dist + per_view[i].flip([d - 1 for d in dims])
+            dist = dist / float(len(views) + 1)
         return torch.matmul(torch.matmul(self.blur_rows, dist), self.blur_cols_t), gdist
 
     def patch_score(self, grid_map: torch.Tensor) -> torch.Tensor:

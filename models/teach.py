@@ -37,6 +37,7 @@ from models.package import (
     write_package,
 )
 from models.patchcore import (
+    FLIP_VIEWS,
     GLOBAL_POOLS,
     GlobalGaussian,
     PatchCoreConfig,
@@ -105,6 +106,9 @@ class TeachSettings:
     #: (score = max(score, distance / that)); 0 = off. Gives a standardised graph back its
     #: sight of overall brightness and contrast.
     brightness_margin: float = 0.0
+    #: Mirrored views scored with each image (``none``, ``h``, ``v``, ``hv``): maps averaged
+    #: over the views, bank from every view's patches. Blind to a mirrored part.
+    flip_views: str = "none"
     bank_size: int = 2000
     coreset_candidates: int = 60_000
     holdout_fraction: float = 0.1
@@ -130,6 +134,7 @@ class TeachSettings:
             ("int8_activations", ("u8", "s8")),
             ("default_graph", ("auto", "fp32", "int8")),
             ("global_pool", GLOBAL_POOLS),
+            ("flip_views", tuple(FLIP_VIEWS)),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -163,6 +168,7 @@ class TeachSettings:
             global_pool=self.global_pool,
             standardize_input=self.standardize_input,
             brightness_margin=self.brightness_margin,
+            flip_views=self.flip_views,
         )
 
 
@@ -523,12 +529,19 @@ def teach(
             f" {cfg.brightness_margin} x the highest held-out good's (brightness check)"
             if cfg.brightness_margin > 0
             else ""
+        )
+        + (
+            f"; maps and pooled features averaged over the image and its {cfg.flip_views}"
+            " flip view(s), bank from every view"
+            if cfg.n_views > 1
+            else ""
         ),
         "global_stages": list(cfg.global_stages),
         "global_weight": cfg.global_weight,
         "global_pool": cfg.global_pool,
         "standardize_input": cfg.standardize_input,
         "brightness_margin": cfg.brightness_margin,
+        "flip_views": cfg.flip_views,
         "global_fit": global_fit,
         "settings": {k: v for k, v in asdict(s).items() if k != "extra"} | s.extra,
         "images": {
