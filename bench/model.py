@@ -61,9 +61,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--flip-views",
-        choices=("none", "h", "v", "hv"),
+        choices=("auto", "none", "h", "v", "hv"),
         help="mirrored views scored with each image (maps averaged, bank from every view)",
     )
+    p.add_argument("--seed", type=int, help="hold-out split, coreset and calibration seed")
     p.add_argument("--no-fp16", action="store_true", help="skip the FP16 export")
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 graph (FP32 only)")
     return p.parse_args(argv)
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "standardize_input": args.standardize_input,
         "brightness_margin": args.brightness_margin,
         "flip_views": args.flip_views,
+        "seed": args.seed,
     }
     s = replace(s, **{k: v for k, v in over.items() if v is not None})
     if args.no_fp16:
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {k: v for k, v in asdict(s).items() if k != "extra"},
         "teach_s": round(teach_s, 1),
         "threshold": manifest["threshold"],
+        "flip_choice": manifest["method"].get("flip_choice"),
         "teach_metrics": manifest["metrics"],
         "graphs": {
             g: {

@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         kwargs: dict[str, Any] = {
             k: tuple(v) if isinstance(v, list) else v for k, v in taught.items() if k in known
         }
+        if kwargs.get("flip_views") == "auto":  # as teach decided it
+            kwargs["flip_views"] = manifest.method.get("flip_views", "none")
         s = TeachSettings(**kwargs)
         images = load_good_images(args.data, min_images=s.min_images)
         fit_idx, hold_idx = _split(len(images.images), s)

@@ -59,6 +59,11 @@ def demo_teach_settings() -> dict[str, Any]:
         "neighbourhood": 3,
         "top_k": 3,
         "global_stages": (),
+        # the demo's recipe as taught before the 2026-12-05 defaults (input standardisation,
+        # brightness check, flip views auto), kept: its numbers are in docs/model-method.md
+        "standardize_input": False,
+        "brightness_margin": 0.0,
+        "flip_views": "none",
         "bank_size": 1000,
         "coreset_candidates": 12_000,
         "calibration_images": 16,

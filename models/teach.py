@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,15 @@ REFERENCE_TOLERANCE = {"fp32": 0.02, "fp16": 0.05, "int8": 0.10}
 #: statistic showed (MTD: 0.155 with an AUROC loss of 0.004, 0.138 with a loss of 0.021);
 #: that is measured on defects by ``bench/quantize.py`` (docs/model-method.md, INT8).
 INT8_DEFAULT_TOL = 0.25
+#: ``flip_views="auto"``: the quick model without views is fitted on at most this many fitting
+#: images, with a coreset bank of this many patches from at most this many candidates.
+FLIP_AUTO_FIT_IMAGES = 200
+FLIP_AUTO_BANK = 1000
+FLIP_AUTO_CANDIDATES = 20_000
+#: ``flip_views="auto"`` with fewer held-out goods than this: no views (too few to judge).
+FLIP_AUTO_MIN_HOLDOUT = 10
+#: The flips ``flip_views="auto"`` considers, in order of preference on a tie.
+FLIP_AUTO_CANDIDATES_VIEWS = ("h", "v")
 
 
 class TeachError(RuntimeError):
@@ -88,27 +97,34 @@ class TeachSettings:
     blur_sigma_cells: float = 1.0
     top_k: int = 10
     global_stages: tuple[int, ...] = (3, 4, 5, 6)
-    global_weight: float = 0.5
+    #: Weight of the image-level Gaussian against the patch term (gain = weight x median patch
+    #: score / median distance on held-out goods); 1.0 since 2026-12-05 (0.5 before).
+    global_weight: float = 1.0
     #: Project patch features to this many dimensions (PCA of the fitting patches, a constant
     #: MatMul in the graph) before the nearest-neighbour search; 0 = off.
     projection_dim: int = 0
     #: Pooling of the image-level branch: ``mean``, ``mean_std`` (per-channel mean and
-    #: standard deviation, the default since 2026-12-04: MTD 0.9644 -> 0.9715 FP32; see
-    #: docs/model-method.md, Per-image standardisation and mean+std pooling) or
-    #: ``mean_std_skew`` (and skewness; an option).
-    global_pool: str = "mean_std"
+    #: standard deviation) or ``mean_std_skew`` (and skewness; the default since 2026-12-05).
+    #: See docs/model-method.md, Per-image standardisation and mean+std pooling.
+    global_pool: str = "mean_std_skew"
     #: Standardise each image (zero mean, unit variance, then mean 128 / std 40 in pixel
     #: units) inside the graph before the backbone; overall brightness/contrast then no
-    #: longer count.
-    standardize_input: bool = False
+    #: longer count, except through the brightness check. On since 2026-12-05.
+    standardize_input: bool = True
     #: Brightness check: a part whose image mean/std lies further from the good images'
     #: (Mahalanobis, 2-d Gaussian) than ``margin x`` the highest held-out good is flagged
     #: (score = max(score, distance / that)); 0 = off. Gives a standardised graph back its
-    #: sight of overall brightness and contrast.
-    brightness_margin: float = 0.0
+    #: sight of overall brightness and contrast. 3.0 since 2026-12-05.
+    brightness_margin: float = 3.0
     #: Mirrored views scored with each image (``none``, ``h``, ``v``, ``hv``): maps averaged
-    #: over the views, bank from every view's patches. Blind to a mirrored part.
-    flip_views: str = "none"
+    #: over the views, bank from every view's patches. Blind to a mirrored part. ``auto`` (the
+    #: default since 2026-12-05): teach decides (:func:`choose_flip_views`): one flip view
+    #: (``h`` or ``v``) only when the model without views would be as blind to a mirrored
+    #: part anyway.
+    flip_views: str = "auto"
+    #: ``flip_views="auto"`` admits a flip only if at most this share of the mirrored held-out
+    #: goods scores above the threshold of a quick model without views.
+    flip_auto_max_flagged: float = 0.1
     bank_size: int = 2000
     coreset_candidates: int = 60_000
     holdout_fraction: float = 0.1
@@ -134,7 +150,7 @@ class TeachSettings:
             ("int8_activations", ("u8", "s8")),
             ("default_graph", ("auto", "fp32", "int8")),
             ("global_pool", GLOBAL_POOLS),
-            ("flip_views", tuple(FLIP_VIEWS)),
+            ("flip_views", ("auto", *FLIP_VIEWS)),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(
@@ -146,13 +162,23 @@ class TeachSettings:
                 f"TeachSettings.brightness_margin must be >= 0 (0 = off), not "
                 f"{self.brightness_margin}"
             )
+        if not 0.0 <= self.flip_auto_max_flagged <= 1.0:
+            raise ValueError(
+                "TeachSettings.flip_auto_max_flagged must be in [0, 1], not "
+                f"{self.flip_auto_max_flagged}"
+            )
         if self.projection_dim < 0:
             raise ValueError(
                 f"TeachSettings.projection_dim must be >= 0 (0 = off), not {self.projection_dim}"
             )
 
     def config(self, channels: int) -> PatchCoreConfig:
-        """The graph configuration for an input with ``channels`` channels."""
+        """The graph configuration for an input with ``channels`` channels.
+
+        ``flip_views="auto"`` must be resolved first (:func:`choose_flip_views`).
+        """
+        if self.flip_views == "auto":
+            raise ValueError("flip_views='auto' is decided by teach (choose_flip_views) first")
         return PatchCoreConfig(
             backbone=self.backbone,
             input_hw=(self.input_size, self.input_size),
@@ -263,6 +289,87 @@ def fit_graph(
         projection=projection,
         brightness=brightness,
     ).eval()
+
+
+def choose_flip_views(
+    images: ImageSet,
+    fit_idx: Sequence[int],
+    x_hold: npt.NDArray[np.float32],
+    s: TeachSettings,
+    spec: InputSpec,
+    *,
+    progress: bool = False,
+) -> tuple[str, dict[str, Any]]:
+    """Decide ``flip_views="auto"``: ``h``, ``v`` or ``none``, and the evidence.
+
+    A flip view makes the model blind to a part that is its good self mirrored. A model
+    without views is just as blind when the goods look alike mirrored (textures; symmetric
+    parts under even light): then the view costs no sensitivity and helps (docs/
+    model-method.md, Flip views). So a quick model without views (patch term only, a coreset
+    bank of ``FLIP_AUTO_BANK`` patches from up to ``FLIP_AUTO_FIT_IMAGES`` fitting images)
+    gets its threshold on the held-out goods by the teach rule, and the held-out goods are
+    scored mirrored left-right (``h``) and upside down (``v``). A flip is admitted when at most
+    ``s.flip_auto_max_flagged`` of its mirrored goods would be flagged; of two, the one
+    flagged less (``h`` on a tie). At most one flip: a second one is a third backbone pass.
+    Settings other than ``auto`` are returned as they are.
+    """
+    if s.flip_views != "auto":
+        return s.flip_views, {"rule": "set", "chosen": s.flip_views}
+    info: dict[str, Any] = {
+        "rule": (
+            "auto: a flip is admitted if at most max_flagged of the mirrored held-out goods score"
+            " above the threshold of a quick model without views; at most one flip"
+        ),
+        "max_flagged": s.flip_auto_max_flagged,
+    }
+    if len(x_hold) < FLIP_AUTO_MIN_HOLDOUT:
+        info |= {
+            "chosen": "none",
+            "reason": f"{len(x_hold)} held-out goods, fewer than {FLIP_AUTO_MIN_HOLDOUT}",
+        }
+        return "none", info
+    t0 = time.monotonic()
+    quick = replace(s, flip_views="none", projection_dim=0, global_stages=(), brightness_margin=0.0)
+    features = PatchFeatures(quick.config(spec.channels)).eval()
+    rng = np.random.default_rng(s.seed + 2)
+    n_fit = min(FLIP_AUTO_FIT_IMAGES, len(fit_idx))
+    sub = np.sort(rng.choice(np.asarray(fit_idx), n_fit, replace=False))
+    x = preprocess_batch([images.images[int(i)] for i in sub], spec)
+    outs = _run_torch(features, x, s.batch_size, "flip check", progress)
+    patches = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in outs])
+    bank = greedy_coreset(
+        patches,
+        min(FLIP_AUTO_BANK, len(patches)),
+        seed=s.seed,
+        candidate_limit=FLIP_AUTO_CANDIDATES,
+    )
+    graph = PatchCoreGraph(features, bank).eval()
+
+    def patch_scores(t: torch.Tensor) -> torch.Tensor:
+        return graph.patch_score(graph.branches(t)[0])
+
+    def scored(x_in: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
+        outs = _run_torch(patch_scores, x_in, s.batch_size, "flip check", False)
+        return torch.cat(outs).double().numpy()
+
+    plain = scored(x_hold)
+    thr = choose_threshold(plain, ThresholdRule(s.target_false_reject_rate, s.threshold_margin))
+    flagged = {}
+    for view in FLIP_AUTO_CANDIDATES_VIEWS:
+        (dims,) = FLIP_VIEWS[view]
+        mirrored = scored(np.ascontiguousarray(np.flip(x_hold, axis=dims[0])))
+        flagged[view] = round(float(np.mean(mirrored > thr.raw_scale)), 4)
+    best = min(FLIP_AUTO_CANDIDATES_VIEWS, key=lambda v: flagged[v])  # first on a tie
+    chosen = best if flagged[best] <= s.flip_auto_max_flagged else "none"
+    info |= {
+        "chosen": chosen,
+        "mirrored_goods_flagged": flagged,
+        "n_fit": n_fit,
+        "n_holdout": len(x_hold),
+        "seconds": round(time.monotonic() - t0, 1),
+    }
+    log.info("flip views auto -> %s (mirrored goods flagged: %s)", chosen, flagged)
+    return chosen, info
 
 
 def holdout_scores(
@@ -394,9 +501,19 @@ def teach(
         tqdm.write(msg)
     fit_idx, hold_idx = _split(len(images.images), s)
     spec = _input_spec(s, images.color)
+    x_hold = preprocess_batch([images.images[i] for i in hold_idx], spec)
+    asked = s
+    views, flip_choice = choose_flip_views(
+        images, fit_idx.tolist(), x_hold, s, spec, progress=progress
+    )
+    if s.flip_views == "auto":
+        msg = f"teach: flip views auto -> {views} (mirrored goods flagged: "
+        msg += f"{flip_choice.get('mirrored_goods_flagged', flip_choice.get('reason'))})"
+        if progress:
+            tqdm.write(msg)
+    s = replace(s, flip_views=views)
 
     graph = fit_graph(images, fit_idx.tolist(), s, spec, progress)
-    x_hold = preprocess_batch([images.images[i] for i in hold_idx], spec)
     raw, global_fit = holdout_scores(graph, x_hold, s, progress)
     thr_rule = ThresholdRule(s.target_false_reject_rate, margin=s.threshold_margin)
     thr = choose_threshold(raw, thr_rule)
@@ -542,8 +659,9 @@ def teach(
         "standardize_input": cfg.standardize_input,
         "brightness_margin": cfg.brightness_margin,
         "flip_views": cfg.flip_views,
+        "flip_choice": flip_choice,
         "global_fit": global_fit,
-        "settings": {k: v for k, v in asdict(s).items() if k != "extra"} | s.extra,
+        "settings": {k: v for k, v in asdict(asked).items() if k != "extra"} | asked.extra,
         "images": {
             "found": report.found,
             "used": report.used,

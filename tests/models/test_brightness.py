@@ -77,7 +77,8 @@ def _fit(
 
 def test_settings_carry_and_check_the_margin() -> None:
     assert PatchCoreConfig().brightness_margin == 0.0  # old manifests: no check
-    assert TeachSettings(brightness_margin=2.0).config(1).brightness_margin == 2.0
+    cfg = TeachSettings(brightness_margin=2.0, flip_views="none").config(1)
+    assert cfg.brightness_margin == 2.0
     with pytest.raises(ValueError, match="brightness_margin"):
         PatchCoreConfig(brightness_margin=-1.0)
     with pytest.raises(ValueError, match="brightness_margin"):

@@ -8,16 +8,27 @@ docs/model-method.md (Flip views).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 from models.export import export_fp32, torch_scores
+from models.images import load_good_images
+from models.package import load_package, preprocess_batch
 from models.patchcore import FLIP_VIEWS, PatchCoreConfig, PatchFeatures
 from models.quantize import Int8Settings, graph_features, quantize_int8
-from models.teach import TeachSettings, fit_int8
+from models.teach import (
+    TeachSettings,
+    _input_spec,
+    _split,
+    choose_flip_views,
+    fit_int8,
+    teach,
+)
 from tests.models.test_export import _images, ort_session
 from tests.models.test_quantize_gaussian import fit_toy_graph
 from tests.models.test_standardize_pool import _cfg
@@ -111,3 +122,90 @@ def test_onnx_and_int8_refit_with_flip_views(views: str, tmp_path: Path) -> None
     q_score, q_map = ort_session(q).run(["score", "anomaly_map"], {"image": x_hold})
     assert q_map.shape == t_map.shape
     assert float(np.abs(q_score - t_score).max()) < 0.15
+
+
+# --------------------------------------------------------------------------- flip_views="auto"
+
+
+def _folder(root: Path, n: int, *, corner: bool) -> Path:
+    """Gray 64 px textures; with ``corner``, every part has a bright block top-left (a part
+    whose mirror image, either way, is not a good part)."""
+    rng = np.random.default_rng(4)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        noise = rng.normal(128, 40, size=(64, 64)).astype(np.float32)
+        img = np.clip(cv2.GaussianBlur(noise, (0, 0), 2.0), 0, 255).astype(np.uint8)
+        if corner:
+            img[4:24, 4:24] = 235
+        cv2.imwrite(str(root / f"img_{i:03d}.png"), img)
+    return root
+
+
+AUTO = TeachSettings(
+    input_size=64,
+    stages=(2, 3),
+    grid_stride=8,
+    neighbourhood=3,
+    top_k=3,
+    bank_size=200,
+    holdout_fraction=0.35,
+    flip_views="auto",
+    int8=False,
+    fp16=False,
+    n_reference=2,
+    threads=2,
+)
+
+
+def _choose(data: Path, s: TeachSettings) -> tuple[str, dict[str, object]]:
+    images = load_good_images(data, min_images=10)
+    fit_idx, hold_idx = _split(len(images.images), s)
+    spec = _input_spec(s, images.color)
+    x_hold = preprocess_batch([images.images[i] for i in hold_idx], spec)
+    return choose_flip_views(images, fit_idx.tolist(), x_hold, s, spec)
+
+
+def test_auto_admits_a_flip_for_goods_that_look_alike_mirrored(tmp_path: Path) -> None:
+    chosen, info = _choose(_folder(tmp_path / "tex", 80, corner=False), AUTO)
+    flagged = info["mirrored_goods_flagged"]
+    assert isinstance(flagged, dict)
+    assert chosen in {"h", "v"}
+    assert flagged[chosen] <= AUTO.flip_auto_max_flagged
+    assert info["n_holdout"] == 28
+
+
+def test_auto_refuses_flips_for_a_part_whose_mirror_image_is_not_good(tmp_path: Path) -> None:
+    """A part with a fixed asymmetric feature: its mirror images are flagged by the model
+    without views, so a view would make the model blind to a mirrored part: no view."""
+    chosen, info = _choose(_folder(tmp_path / "corner", 80, corner=True), AUTO)
+    flagged = info["mirrored_goods_flagged"]
+    assert isinstance(flagged, dict)
+    assert chosen == "none"
+    assert min(flagged.values()) > 0.5
+    # a looser bound than the flagged share admits it again: the rule is the bound
+    loose, _ = _choose(tmp_path / "corner", replace(AUTO, flip_auto_max_flagged=1.0))
+    assert loose in {"h", "v"}
+
+
+def test_auto_with_too_few_held_out_goods_takes_no_view(tmp_path: Path) -> None:
+    chosen, info = _choose(_folder(tmp_path / "few", 20, corner=False), AUTO)
+    assert chosen == "none"
+    assert "fewer than" in str(info["reason"])
+
+
+def test_auto_is_decided_before_the_graph_is_built() -> None:
+    with pytest.raises(ValueError, match="auto"):
+        AUTO.config(1)
+    with pytest.raises(ValueError, match="flip_auto_max_flagged"):
+        TeachSettings(flip_auto_max_flagged=1.5)
+
+
+def test_teach_records_the_auto_decision_in_the_manifest(tmp_path: Path) -> None:
+    data = _folder(tmp_path / "tex", 60, corner=False)
+    pkg_dir = teach(data, tmp_path / "pkg", settings=AUTO, progress=False)
+    with load_package(pkg_dir) as pkg:
+        method = pkg.manifest.method
+    assert method["settings"]["flip_views"] == "auto"  # what was asked
+    assert method["flip_views"] == method["flip_choice"]["chosen"]  # what was built
+    assert method["flip_views"] in {"h", "v"}
+    assert set(method["flip_choice"]["mirrored_goods_flagged"]) == {"h", "v"}
