@@ -35,6 +35,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stages", help="comma-separated stage numbers, e.g. 3,4")
     p.add_argument("--neighbourhood", type=int)
     p.add_argument("--bank-size", type=int)
+    p.add_argument(
+        "--coreset-candidates", type=int, help="patches the greedy coreset chooses the bank from"
+    )
     p.add_argument("--top-k", type=int)
     p.add_argument("--blur-sigma", type=float)
     p.add_argument(
@@ -91,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "stages": tuple(int(x) for x in args.stages.split(",")) if args.stages else None,
         "neighbourhood": args.neighbourhood,
         "bank_size": args.bank_size,
+        "coreset_candidates": args.coreset_candidates,
         "top_k": args.top_k,
         "blur_sigma_cells": args.blur_sigma,
         "global_stages": _stages(args.global_stages),
