@@ -15,9 +15,10 @@ from collections.abc import Iterator
 import pytest
 
 from edge.events import EventBus
-from edge.pipeline import PartInFlight
+from edge.pipeline import PartInFlight, Pipeline
 from edge.store import ResultStore
 from edge.types import Verdict, VerdictCode
+from edge.watchdog import InferenceRunner
 from models.package import ModelPackage
 from tests.edge.test_pipeline import _Camera, _candidate, _frame, _pipeline
 
@@ -44,18 +45,26 @@ class _ThreadSink:
             time.sleep(self.sleep_s)
 
 
+def _setup(
+    pkg: ModelPackage,
+    store: ResultStore,
+    events: EventBus,
+    release: threading.Event,
+    modes: list[tuple[str, dict[str, str]]],
+    deadline_s: float,
+) -> tuple[Pipeline, InferenceRunner, _ThreadSink]:
+    """A pipeline over ``(name, mode)`` backends (the first is primary) with a thread sink."""
+    candidates = [_candidate(pkg, name, release, mode, []) for name, mode in modes]
+    p, runner = _pipeline(pkg, store, events, candidates, deadline_s=deadline_s)
+    sink = _ThreadSink(store)
+    p.sinks.append(sink)
+    return p, runner, sink
+
+
 def test_a_lone_part_is_committed_and_reported_on_the_backend_thread(
     toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
 ) -> None:
-    p, runner = _pipeline(
-        toy_package,
-        store,
-        events,
-        [_candidate(toy_package, "primary", release, {"run": "ok"}, [])],
-        deadline_s=5.0,
-    )
-    sink = _ThreadSink(store)
-    p.sinks.append(sink)
+    p, runner, sink = _setup(toy_package, store, events, release, [("primary", {"run": "ok"})], 5.0)
     ok = p.inspect(_frame(0))
     ng = p.inspect(_frame(1, bright=True))
     assert (ok.code, ng.code) == (VerdictCode.OK, VerdictCode.NG)
@@ -74,15 +83,9 @@ def test_a_lone_part_is_committed_and_reported_on_the_backend_thread(
 def test_a_part_queued_behind_is_finished_by_the_caller_and_the_last_one_by_the_backend(
     toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
 ) -> None:
-    p, runner = _pipeline(
-        toy_package,
-        store,
-        events,
-        [_candidate(toy_package, "primary", release, {"run": "slow", "sleep_s": "0.3"}, [])],
-        deadline_s=5.0,
+    p, runner, sink = _setup(
+        toy_package, store, events, release, [("primary", {"run": "slow", "sleep_s": "0.3"})], 5.0
     )
-    sink = _ThreadSink(store)
-    p.sinks.append(sink)
     cam = _Camera(3, waiting=True)
     me = threading.current_thread().name
     assert p.run_overlapped(cam.next_frame, cam.stopping) == 3
@@ -96,15 +99,9 @@ def test_a_part_queued_behind_is_finished_by_the_caller_and_the_last_one_by_the_
 def test_the_backend_thread_never_commits_a_part_before_an_earlier_one(
     toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
 ) -> None:
-    p, runner = _pipeline(
-        toy_package,
-        store,
-        events,
-        [_candidate(toy_package, "primary", release, {"run": "slow", "sleep_s": "0.3"}, [])],
-        deadline_s=5.0,
+    p, runner, sink = _setup(
+        toy_package, store, events, release, [("primary", {"run": "slow", "sleep_s": "0.3"})], 5.0
     )
-    sink = _ThreadSink(store)
-    p.sinks.append(sink)
     first = p.begin(_frame(0))
     second = p.begin(_frame(1))  # queued behind the first, which is left to this thread
     for part in (first, second):
@@ -124,18 +121,9 @@ def test_a_hung_part_gets_one_error_verdict_even_when_the_backend_returns_later(
     toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
 ) -> None:
     mode = {"run": "hang"}
-    p, runner = _pipeline(
-        toy_package,
-        store,
-        events,
-        [
-            _candidate(toy_package, "primary", release, mode, []),
-            _candidate(toy_package, "fallback", release, {"run": "ok"}, []),
-        ],
-        deadline_s=0.3,
+    p, runner, sink = _setup(
+        toy_package, store, events, release, [("primary", mode), ("fallback", {"run": "ok"})], 0.3
     )
-    sink = _ThreadSink(store)
-    p.sinks.append(sink)
     stuck = [t for t in threading.enumerate() if t.name == "backend-primary"]
     assert len(stuck) == 1
     v = p.inspect(_frame(0))
@@ -159,16 +147,8 @@ def test_a_hung_part_gets_one_error_verdict_even_when_the_backend_returns_later(
 def test_a_slow_commit_on_the_backend_thread_is_not_a_hang(
     toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
 ) -> None:
-    p, runner = _pipeline(
-        toy_package,
-        store,
-        events,
-        [_candidate(toy_package, "primary", release, {"run": "ok"}, [])],
-        deadline_s=0.2,
-    )
-    sink = _ThreadSink(store)
+    p, runner, sink = _setup(toy_package, store, events, release, [("primary", {"run": "ok"})], 0.2)
     sink.sleep_s = 0.6  # reporting (on the backend's thread) outlasts the deadline
-    p.sinks.append(sink)
     v = p.inspect(_frame(0))
     assert v.code is VerdictCode.OK
     assert runner.hangs == 0
@@ -180,13 +160,7 @@ def test_a_slow_commit_on_the_backend_thread_is_not_a_hang(
 def test_finish_returns_the_backend_threads_verdict_for_its_own_part(
     toy_package: ModelPackage, store: ResultStore, events: EventBus, release: threading.Event
 ) -> None:
-    p, runner = _pipeline(
-        toy_package,
-        store,
-        events,
-        [_candidate(toy_package, "primary", release, {"run": "ok"}, [])],
-        deadline_s=5.0,
-    )
+    p, runner, _ = _setup(toy_package, store, events, release, [("primary", {"run": "ok"})], 5.0)
     parts: list[PartInFlight] = []
     for i in range(4):
         part = p.begin(_frame(i, bright=i % 2 == 1))
