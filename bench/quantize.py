@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         kwargs: dict[str, Any] = {
             k: tuple(v) if isinstance(v, list) else v for k, v in taught.items() if k in known
         }
+        kwargs.setdefault("gaussian_goods", "fit")  # packages taught before the setting
         if kwargs.get("flip_views") == "auto":  # as teach decided it
             kwargs["flip_views"] = manifest.method.get("flip_views", "none")
         s = TeachSettings(**kwargs)

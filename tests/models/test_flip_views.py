@@ -118,7 +118,13 @@ def test_onnx_and_int8_refit_with_flip_views(views: str, tmp_path: Path) -> None
     assert feats.pooled.shape[0] == 5  # one per image
     assert feats.patch_score is not None
     assert feats.patch_score.shape == (5,)
-    fit_int8(q, x_fit, x_hold, TeachSettings(bank_size=48, global_weight=1.0), Int8Settings())
+    fit_int8(
+        q,
+        x_fit,
+        x_hold,
+        TeachSettings(bank_size=48, global_weight=1.0, gaussian_goods="fit"),
+        Int8Settings(),
+    )
     q_score, q_map = ort_session(q).run(["score", "anomaly_map"], {"image": x_hold})
     assert q_map.shape == t_map.shape
     assert float(np.abs(q_score - t_score).max()) < 0.15

@@ -36,7 +36,7 @@ from models.teach import TeachSettings, fit_int8, gaussian_gain
 from tests.models.test_export import _images, ort_session
 
 WEIGHT = 0.5
-SETTINGS = TeachSettings(bank_size=64, global_weight=WEIGHT)
+SETTINGS = TeachSettings(bank_size=64, global_weight=WEIGHT, gaussian_goods="fit")
 
 
 def _consts(path: Path) -> dict[str, np.ndarray]:
