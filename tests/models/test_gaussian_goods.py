@@ -21,23 +21,16 @@ from models.images import load_good_images
 from models.package import load_package, preprocess_batch
 from models.patchcore import GlobalGaussian
 from models.quantize import graph_features, mahalanobis
-from models.teach import TeachSettings, _input_spec, _split, refit_gaussian_on_all_goods, teach
-from tests.models.test_flip_views import _folder
+from models.teach import _input_spec, _split, refit_gaussian_on_all_goods, teach
+from tests.models.test_flip_views import AUTO, _folder
 
-TOY = TeachSettings(
-    input_size=64,
-    stages=(2, 3),
-    grid_stride=8,
-    neighbourhood=3,
-    top_k=3,
+TOY = replace(  # the flip-view tests' toy settings, with INT8 and a small Gaussian
+    AUTO,
     global_stages=(3, 4),
-    bank_size=200,
     holdout_fraction=0.3,
     flip_views="none",
+    int8=True,
     calibration_images=8,
-    fp16=False,
-    n_reference=2,
-    threads=2,
 )
 
 
