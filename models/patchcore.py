@@ -424,6 +424,13 @@ class PatchCoreGraph(nn.Module):
 
     def branches(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Smoothed patch-distance map [N, gh, gw] and global distance [N] (or None)."""
+        pmap, gdist, _ = self.branches_and_pooled(image)
+        return pmap, gdist
+
+    def branches_and_pooled(
+        self, image: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """:meth:`branches` and the pooled features [N, Dg] the distance is of (or None)."""
         feat, pooled = self.features(image, True)
         gdist = None
         if self.has_global and pooled is not None:
@@ -445,7 +452,8 @@ class PatchCoreGraph(nn.Module):
             for i, dims in enumerate(views, start=1):
                 dist = dist + per_view[i].flip([d - 1 for d in dims])
             dist = dist / float(len(views) + 1)
-        return torch.matmul(torch.matmul(self.blur_rows, dist), self.blur_cols_t), gdist
+        pmap = torch.matmul(torch.matmul(self.blur_rows, dist), self.blur_cols_t)
+        return pmap, gdist, pooled
 
     def patch_score(self, grid_map: torch.Tensor) -> torch.Tensor:
         """Image score of the patch term: max or mean of the ``top_k`` highest cells."""

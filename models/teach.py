@@ -75,11 +75,11 @@ INT8_DEFAULT_TOL = 0.25
 #: images, with a coreset bank of this many patches from at most this many candidates.
 FLIP_AUTO_FIT_IMAGES = 200
 FLIP_AUTO_BANK = 1000
-FLIP_AUTO_CANDIDATES = 20_000
+FLIP_AUTO_CORESET_CANDIDATES = 20_000
 #: ``flip_views="auto"`` with fewer held-out goods than this: no views (too few to judge).
 FLIP_AUTO_MIN_HOLDOUT = 10
 #: The flips ``flip_views="auto"`` considers, in order of preference on a tie.
-FLIP_AUTO_CANDIDATES_VIEWS = ("h", "v")
+FLIP_AUTO_VIEWS = ("h", "v")
 
 
 class TeachError(RuntimeError):
@@ -365,21 +365,19 @@ def choose_flip_views(
         }
         return "none", info
     t0 = time.monotonic()
-    quick = replace(s, flip_views="none", projection_dim=0, global_stages=(), brightness_margin=0.0)
-    features = PatchFeatures(quick.config(spec.channels)).eval()
+    quick = replace(
+        s,
+        flip_views="none",
+        projection_dim=0,
+        global_stages=(),
+        brightness_margin=0.0,
+        bank_size=FLIP_AUTO_BANK,
+        coreset_candidates=FLIP_AUTO_CORESET_CANDIDATES,
+    )
     rng = np.random.default_rng(s.seed + 2)
     n_fit = min(FLIP_AUTO_FIT_IMAGES, len(fit_idx))
     sub = np.sort(rng.choice(np.asarray(fit_idx), n_fit, replace=False))
-    x = preprocess_batch([images.images[int(i)] for i in sub], spec)
-    outs = _run_torch(features, x, s.batch_size, "flip check", progress)
-    patches = torch.cat([f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]) for f in outs])
-    bank = greedy_coreset(
-        patches,
-        min(FLIP_AUTO_BANK, len(patches)),
-        seed=s.seed,
-        candidate_limit=FLIP_AUTO_CANDIDATES,
-    )
-    graph = PatchCoreGraph(features, bank).eval()
+    graph, _ = fit_graph(images, sub.tolist(), quick, spec, progress)
 
     def patch_scores(t: torch.Tensor) -> torch.Tensor:
         return graph.patch_score(graph.branches(t)[0])
@@ -391,11 +389,11 @@ def choose_flip_views(
     plain = scored(x_hold)
     thr = choose_threshold(plain, ThresholdRule(s.target_false_reject_rate, s.threshold_margin))
     flagged = {}
-    for view in FLIP_AUTO_CANDIDATES_VIEWS:
+    for view in FLIP_AUTO_VIEWS:
         (dims,) = FLIP_VIEWS[view]
         mirrored = scored(np.ascontiguousarray(np.flip(x_hold, axis=dims[0])))
         flagged[view] = round(float(np.mean(mirrored > thr.raw_scale)), 4)
-    best = min(FLIP_AUTO_CANDIDATES_VIEWS, key=lambda v: flagged[v])  # first on a tie
+    best = min(FLIP_AUTO_VIEWS, key=lambda v: flagged[v])  # first on a tie
     chosen = best if flagged[best] <= s.flip_auto_max_flagged else "none"
     info |= {
         "chosen": chosen,
@@ -409,39 +407,64 @@ def choose_flip_views(
 
 
 def holdout_scores(
-    graph: PatchCoreGraph, x_hold: npt.NDArray[np.float32], s: TeachSettings, progress: bool
-) -> tuple[npt.NDArray[np.float32], dict[str, float]]:
+    graph: PatchCoreGraph,
+    x_hold: npt.NDArray[np.float32],
+    s: TeachSettings,
+    progress: bool,
+    pooled_fit: torch.Tensor | None = None,
+) -> tuple[npt.NDArray[np.float32], dict[str, float], npt.NDArray[np.float64] | None]:
     """Raw image scores of the held-out goods; with the global branch, also set its gain.
 
     gain = weight * median(patch score) / median(Mahalanobis distance), both over the
     held-out goods, so that with weight 1 both terms count alike on a typical good part.
     With the brightness check, its gain is ``1 / (brightness_margin x highest held-out good
     distance)`` (recorded as ``brightness_max`` / ``brightness_gain``); it acts on normalised
-    scores (a maximum), so the raw scores returned do not include it.
-    Returns the raw (unnormalised) scores, and the medians and gains (recorded in the
-    manifest; empty without either). One pass over the held-out goods.
+    scores (a maximum), so the raw scores returned do not include it. With ``pooled_fit``
+    (the fitting goods' pooled features) and ``s.gaussian_goods == "all"``, the Gaussian is
+    then refitted on every good (:func:`refit_gaussian_on_all_goods`; ``goods`` recorded).
+    Returns the raw (unnormalised) scores, out of sample; the medians and gains (recorded in
+    the manifest; empty without either); and the held-out goods' score moves under the refit
+    (None without one). One pass over the held-out goods.
     """
 
-    def terms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        pmap, g = graph.branches(t)
+    def terms(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        pmap, g, pooled = graph.branches_and_pooled(t)
         b = graph.brightness_distance(t) if graph.has_brightness else torch.zeros(len(t))
-        return graph.patch_score(pmap), g if g is not None else torch.zeros(len(t)), b
+        zero = torch.zeros(len(t))
+        return (
+            graph.patch_score(pmap),
+            g if g is not None else zero,
+            b,
+            pooled if pooled is not None else zero,
+        )
 
     outs = _run_torch(terms, x_hold, s.batch_size, "holdout", progress)
-    patch = torch.cat([p for p, _, _ in outs]).double()
+    patch = torch.cat([o[0] for o in outs]).double()
     raw = patch.clone()
     fit: dict[str, float] = {}
+    move = None
     if graph.has_global:
-        dist = torch.cat([g for _, g, _ in outs]).double()
+        dist = torch.cat([o[1] for o in outs]).double()
         fit = gaussian_gain(s.global_weight, patch.numpy(), dist.numpy())
-        graph.set_gaussian(GlobalGaussian(graph.g_mean, graph.g_whiten, fit["gain"]))
+        gaussian = GlobalGaussian(graph.g_mean, graph.g_whiten, fit["gain"])
         raw = raw + fit["gain"] * dist
+        if pooled_fit is not None and s.gaussian_goods == "all":
+            pooled_hold = torch.cat([o[3] for o in outs]).numpy()
+            gaussian, move = refit_gaussian_on_all_goods(
+                graph.g_mean.numpy(),
+                graph.g_whiten.numpy(),
+                fit["gain"],
+                pooled_fit.numpy(),
+                pooled_hold,
+            )
+            fit["goods"] = float(len(pooled_fit) + len(pooled_hold))
+        graph.set_gaussian(gaussian)
     if graph.has_brightness:
-        bmax = float(torch.cat([b for _, _, b in outs]).max())
+        bmax = float(torch.cat([o[2] for o in outs]).max())
         bgain = 1.0 / (s.brightness_margin * max(bmax, 1e-12))
         graph.set_brightness(GlobalGaussian(graph.b_mean, graph.b_whiten, bgain))
         fit |= {"brightness_max": bmax, "brightness_gain": bgain}
-    return raw.float().numpy(), fit
+    return raw.float().numpy(), fit, move
 
 
 def gaussian_gain(
@@ -561,7 +584,7 @@ def teach(
     s = replace(s, flip_views=views)
 
     graph, pooled_fit = fit_graph(images, fit_idx.tolist(), s, spec, progress)
-    raw, global_fit = holdout_scores(graph, x_hold, s, progress)
+    raw, global_fit, fp32_move = holdout_scores(graph, x_hold, s, progress, pooled_fit)
     thr_rule = ThresholdRule(s.target_false_reject_rate, margin=s.threshold_margin)
     thr = choose_threshold(raw, thr_rule)
     graph.set_raw_scale(thr.raw_scale)
@@ -569,19 +592,8 @@ def teach(
     # on every good: the final graphs score the held-out goods in sample, so thresholds and
     # held-out metrics subtract it to stay out of sample.
     moves: dict[str, npt.NDArray[np.float64]] = {}
-    if s.gaussian_goods == "all" and graph.has_global and pooled_fit is not None:
-        pooled_hold = torch.cat(
-            [p for _, p in _run_torch(graph.features.forward_all, x_hold, s.batch_size, "", False)]
-        )
-        every, moves["fp32"] = refit_gaussian_on_all_goods(
-            graph.g_mean.numpy(),
-            graph.g_whiten.numpy(),
-            float(graph.g_gain),
-            pooled_fit.numpy(),
-            pooled_hold.numpy(),
-        )
-        graph.set_gaussian(every)
-        global_fit["goods"] = float(len(pooled_fit) + len(pooled_hold))
+    if fp32_move is not None:
+        moves["fp32"] = fp32_move
     torch_hold = (raw + moves.get("fp32", 0.0)) / thr.raw_scale
     if graph.has_brightness:  # the check acts on normalised scores (a maximum)
         with torch.no_grad():

@@ -70,7 +70,7 @@ def _fit(
         brightness=brightness,
     ).eval()
     s = TeachSettings(global_weight=0.5, brightness_margin=cfg.brightness_margin)
-    raw, fit = holdout_scores(graph, x_hold, s, progress=False)
+    raw, fit, _ = holdout_scores(graph, x_hold, s, progress=False)
     graph.set_raw_scale(float(raw.max()))  # 1.0 = the highest held-out good
     return graph, x_fit, x_hold, fit
 
