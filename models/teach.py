@@ -303,16 +303,15 @@ def fit_graph(
 
 
 def refit_gaussian_on_all_goods(
-    mean: npt.NDArray[np.floating[Any]],
-    whiten: npt.NDArray[np.floating[Any]],
     gain: float,
+    hold_dist: npt.NDArray[np.floating[Any]],
     pooled_fit: npt.NDArray[np.floating[Any]],
     pooled_hold: npt.NDArray[np.floating[Any]],
 ) -> tuple[GlobalGaussian, npt.NDArray[np.float64]]:
     """The image-level Gaussian refitted on the fitting and held-out goods together.
 
-    ``mean``/``whiten`` are the Gaussian of the fitting goods, whose distances of the held-out
-    goods chose ``gain`` and the thresholds (out of sample). Returns the Gaussian of all goods
+    ``hold_dist`` are the held-out goods' distances under the Gaussian of the fitting goods,
+    which chose ``gain`` and the thresholds (out of sample). Returns the Gaussian of all goods
     (same gain) and, per held-out good, how much its raw score moves from the old Gaussian to
     the new one (``gain x (new distance - old distance)``; negative: a good that is now part of
     the fit scores lower). The callers subtract that move from scores the new graph gives the
@@ -321,9 +320,8 @@ def refit_gaussian_on_all_goods(
     hold = np.asarray(pooled_hold, np.float64)
     both = torch.from_numpy(np.concatenate([np.asarray(pooled_fit, np.float64), hold]))
     new = GlobalGaussian.fit(both)
-    old_d = mahalanobis(hold, np.asarray(mean, np.float64), np.asarray(whiten, np.float64))
     new_d = mahalanobis(hold, new.mean.double().numpy(), new.whiten.double().numpy())
-    move = gain * (np.asarray(new_d, np.float64) - np.asarray(old_d, np.float64))
+    move = gain * (new_d - np.asarray(hold_dist, np.float64))
     return GlobalGaussian(new.mean, new.whiten, gain), move
 
 
@@ -380,7 +378,7 @@ def choose_flip_views(
     graph, _ = fit_graph(images, sub.tolist(), quick, spec, progress)
 
     def patch_scores(t: torch.Tensor) -> torch.Tensor:
-        return graph.patch_score(graph.branches(t)[0])
+        return graph.patch_score(graph.patch_distances(t))
 
     def scored(x_in: npt.NDArray[np.float32]) -> npt.NDArray[np.float64]:
         outs = _run_torch(patch_scores, x_in, s.batch_size, "flip check", False)
@@ -451,11 +449,7 @@ def holdout_scores(
         if pooled_fit is not None and s.gaussian_goods == "all":
             pooled_hold = torch.cat([o[3] for o in outs]).numpy()
             gaussian, move = refit_gaussian_on_all_goods(
-                graph.g_mean.numpy(),
-                graph.g_whiten.numpy(),
-                fit["gain"],
-                pooled_fit.numpy(),
-                pooled_hold,
+                fit["gain"], dist.numpy(), pooled_fit.numpy(), pooled_hold
             )
             fit["goods"] = float(len(pooled_fit) + len(pooled_hold))
         graph.set_gaussian(gaussian)
@@ -524,10 +518,11 @@ def fit_int8(
     hold = graph_features(int8_path, x_hold, threads)  # patch term: with the new bank
     if hold.pooled is None or hold.patch_score is None:
         raise TeachError(f"{int8_path} lost its Gaussian branch's pooled features")
-    info = gaussian_gain(s.global_weight, hold.patch_score, mahalanobis(hold.pooled, mean, whiten))
+    hold_dist = mahalanobis(hold.pooled, mean, whiten)
+    info = gaussian_gain(s.global_weight, hold.patch_score, hold_dist)
     gain = info["gain"]
     if s.gaussian_goods == "all":
-        every, move = refit_gaussian_on_all_goods(mean, whiten, gain, fit.pooled, hold.pooled)
+        every, move = refit_gaussian_on_all_goods(gain, hold_dist, fit.pooled, hold.pooled)
         mean, whiten = every.mean.numpy(), every.whiten.numpy()
         info["goods"] = float(len(fit.pooled) + len(hold.pooled))
         if hold_move is not None:

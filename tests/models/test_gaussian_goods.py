@@ -42,15 +42,13 @@ def test_the_refit_uses_every_good_and_reports_each_held_out_goods_move() -> Non
     rng = np.random.default_rng(0)
     fit, hold = rng.normal(size=(60, 6)), rng.normal(size=(20, 6))
     old = GlobalGaussian.fit(torch.from_numpy(fit))
-    new, move = refit_gaussian_on_all_goods(old.mean.numpy(), old.whiten.numpy(), 2.0, fit, hold)
+    old_d = mahalanobis(hold, old.mean.numpy(), old.whiten.numpy())
+    new, move = refit_gaussian_on_all_goods(2.0, old_d, fit, hold)
     both = GlobalGaussian.fit(torch.from_numpy(np.concatenate([fit, hold])))
     np.testing.assert_allclose(new.mean.numpy(), both.mean.numpy(), rtol=1e-6)
     np.testing.assert_allclose(new.whiten.numpy(), both.whiten.numpy(), rtol=1e-5)
     assert new.gain == 2.0
-    want = 2.0 * (
-        mahalanobis(hold, new.mean.numpy(), new.whiten.numpy())
-        - mahalanobis(hold, old.mean.numpy(), old.whiten.numpy())
-    )
+    want = 2.0 * (mahalanobis(hold, new.mean.numpy(), new.whiten.numpy()) - old_d)
     np.testing.assert_allclose(move, want, rtol=1e-4, atol=1e-6)
     assert np.median(move) < 0  # held-out goods, now part of the fit, score lower
 
