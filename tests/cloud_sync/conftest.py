@@ -211,20 +211,28 @@ log_type notice
         raise RuntimeError("mosquitto did not open its port")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                proc.wait(10)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
+                proc.kill()
+                proc.wait()
+        self._forget(proc)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._forget(proc)
+
+    def _forget(self, proc: subprocess.Popen[bytes] | None) -> None:
+        # a kill on another thread (tests kill the broker from a callback) may finish after
+        # the test has already started the next broker: that one must not be forgotten
+        if self.proc is proc:
+            self.proc = None
 
     def log_text(self) -> str:
         p = self.root / "mosquitto.log"
