@@ -330,6 +330,9 @@ class ResultStore:
         self._stats_lock = threading.Lock()
         self._last_retention = 0.0
         self._last_checkpoint = 0.0
+        # image rows whose files are deleted but whose rows a full disk kept SQLite from
+        # deleting (the writer thread's own; retried before each eviction)
+        self._orphans: set[int] = set()
         self._degraded_since = 0.0
         self.commit_failures = 0
 
@@ -586,6 +589,8 @@ class ResultStore:
         reserve = int(self.config.min_free_mb * 1e6)
         if need > quota:
             return False
+        if self._orphans:
+            self._delete_rows(conn, sorted(self._orphans))
         while True:
             with self._stats_lock:
                 used = self._stats.bytes_used
@@ -597,7 +602,9 @@ class ResultStore:
     def _evict_oldest(self, conn: sqlite3.Connection) -> bool:
         """Delete the oldest stored part's images, OK parts first. False: nothing left."""
         row = conn.execute(
-            "SELECT inspection_id FROM images ORDER BY is_ok DESC, id LIMIT 1"
+            "SELECT inspection_id FROM images WHERE id NOT IN "  # noqa: S608
+            f"({','.join('?' * len(self._orphans))}) ORDER BY is_ok DESC, id LIMIT 1",
+            sorted(self._orphans),
         ).fetchone()
         if row is None:
             return False
@@ -605,22 +612,44 @@ class ResultStore:
         return True
 
     def _delete_images(self, conn: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> int:
-        rows = conn.execute(
-            f"SELECT id, path, bytes FROM images WHERE {where}",  # noqa: S608
-            args,
-        ).fetchall()
+        """Delete the files, then the rows, of the images matching ``where``.
+
+        Files go first: on a full disk SQLite needs room for the delete itself, and the
+        files are what frees it. Rows a full disk still keeps are remembered and retried.
+        """
+        rows = [
+            r
+            for r in conn.execute(
+                f"SELECT id, path, bytes FROM images WHERE {where}",  # noqa: S608
+                args,
+            ).fetchall()
+            if int(r[0]) not in self._orphans
+        ]
         freed = 0
         for _, rel, n in rows:
             with contextlib.suppress(FileNotFoundError):
                 (self.root / rel).unlink()
             freed += int(n)
-        if rows:
-            with conn:
-                conn.executemany("DELETE FROM images WHERE id = ?", [(r[0],) for r in rows])
         with self._stats_lock:
             self._stats.bytes_used = max(0, self._stats.bytes_used - freed)
             self._stats.evicted += len(rows)
+        self._delete_rows(conn, [int(r[0]) for r in rows])
         return len(rows)
+
+    def _delete_rows(self, conn: sqlite3.Connection, ids: list[int]) -> None:
+        if not ids:
+            return
+        try:
+            with conn:
+                conn.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in ids])
+        except sqlite3.Error as exc:
+            if not _is_disk_full(exc):
+                raise
+            if not self._orphans:
+                log.warning("image rows kept by a full disk (their files are deleted): %s", exc)
+            self._orphans.update(ids)
+            return
+        self._orphans.difference_update(ids)
 
     def _maybe_checkpoint(self, conn: sqlite3.Connection) -> None:
         """Copy committed WAL pages into the database (PASSIVE: never waits for a commit)."""

@@ -289,6 +289,7 @@ def test_full_disk_degrades_to_verdicts_without_images(tiny_disk: Path) -> None:
         assert any(e.kind == "store.disk_full" for e in seen)
         st = s.writer_stats()
         assert st.skipped_no_space > 0 or st.evicted > 0
+        assert st.failed == 0, st  # a full disk is a skip, never a writer failure
         for iid in committed:
             assert s.get(iid) is not None
         # space comes back: images are written again
@@ -299,6 +300,47 @@ def test_full_disk_degrades_to_verdicts_without_images(tiny_disk: Path) -> None:
         s.flush_images(10)
         assert s.image_path(w.inspection_id, "image") is not None
         assert any(e.kind == "store.disk_ok" for e in seen)
+    finally:
+        s.stop()
+
+
+def test_eviction_on_a_disk_too_full_for_sqlite_to_delete_keeps_going(tiny_disk: Path) -> None:
+    """Deleting a row needs room in SQLite's WAL; the files go first and the rows later."""
+    s = ResultStore(StoreConfig(path=tiny_disk / "r", min_free_mb=0.05))
+    s.start()
+    try:
+        old = []
+        for i in range(3):
+            v = _verdict(s.next_inspection_id(), VerdictCode.NG)
+            s.commit(v)
+            s.submit_images(_job(v.inspection_id, VerdictCode.NG, i))
+            old.append(v.inspection_id)
+        s.flush_images(10)
+        # hard links: deleting the stored files frees nothing, so SQLite stays out of room
+        keep = tiny_disk / "keep"
+        keep.mkdir()
+        for f in (s.images_dir).rglob("*.*"):
+            os.link(f, keep / f.name)
+        with contextlib.closing(sqlite3.connect(s.db_path)) as c:
+            c.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()  # the WAL has no slack
+        ballast = tiny_disk / "ballast"
+        _fill(ballast)
+        assert s.submit_images(_job(999, VerdictCode.NG, 7))
+        s.flush_images(10)
+        st = s.writer_stats()
+        assert st.failed == 0, st
+        assert st.skipped_no_space == 1, st
+        assert st.evicted == 6, st  # every stored file was deleted to make room
+        assert all(s.image_path(iid, "image") is None for iid in old)
+        # room again: the kept rows are deleted and new images written
+        ballast.unlink()
+        for f in keep.iterdir():
+            f.unlink()
+        assert s.submit_images(_job(1000, VerdictCode.NG, 8))
+        s.flush_images(10)
+        assert s.image_path(1000, "image") is not None
+        assert s.image_kinds(old) == {}
+        assert s.writer_stats().failed == 0
     finally:
         s.stop()
 
