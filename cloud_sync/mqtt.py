@@ -108,6 +108,7 @@ class MqttLink:
         self._protocol: Literal["5", "3.1.1"] = "3.1.1" if settings.protocol == "3.1.1" else "5"
         self._client: mqtt.Client | None = None
         self._connected = threading.Event()
+        self._subscribed = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -156,6 +157,14 @@ class MqttLink:
 
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Wait for the broker's answer (SUBACK) to this connection's subscriptions.
+
+        Messages published before it may have no subscriber to reach (``refused_subscriptions``
+        lists the ones the broker refused). True at once for a link without subscriptions.
+        """
+        return self._subscribed.wait(timeout_s)
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> int | None:
         """Queue a message; returns its message id, or None when not connected."""
@@ -243,6 +252,7 @@ class MqttLink:
         self.stats.connected_since_unix = time.time()
         self.stats.protocol = "MQTT 5" if self._protocol == "5" else "MQTT 3.1.1"
         self.stats.refused_subscriptions = []
+        self._subscribed.clear()
         log.info(
             "%s: connected to %s:%d (%s)",
             self.name,
@@ -252,6 +262,8 @@ class MqttLink:
         )
         if self.settings.subscriptions:
             client.subscribe(list(self.settings.subscriptions))
+        else:
+            self._subscribed.set()
         self._connected.set()
         if self._on_connected is not None:
             self._on_connected()
@@ -261,6 +273,7 @@ class MqttLink:
     ) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        self._subscribed.clear()
         if was:
             self.stats.disconnects += 1
             self.stats.connected_since_unix = None
@@ -286,6 +299,7 @@ class MqttLink:
                 msg = f"{topic}: {rc.getName()}"
                 self.stats.refused_subscriptions.append(msg)
                 log.error("%s: subscription refused: %s", self.name, msg)
+        self._subscribed.set()
 
     def _handle_publish(
         self, _client: mqtt.Client, _ud: Any, mid: int, rc: ReasonCode, _props: Properties | None

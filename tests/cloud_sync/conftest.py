@@ -391,6 +391,8 @@ def rig(broker: Broker, tmp_path: Path, packages: Packages) -> Iterator[Rig]:
     rollout.start()
     assert chunks.link.wait_connected(10)
     assert rollout.link.wait_connected(10)
+    assert chunks.link.wait_subscribed(10)
+    assert rollout.link.wait_subscribed(10)
     r = Rig(broker, tmp_path, packages, releases, chunks, rollout)
     try:
         yield r

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +91,7 @@ def start_ingest(broker: Any, db_path: Path, client_id: str = "ingest-1") -> Ing
     w = IngestWorker(fleet_settings(broker, client_id), IngestDB(str(db_path)))
     w.start()
     assert w.link.wait_connected(10), w.link.stats.last_error
-    time.sleep(0.2)  # let the SUBACK land
+    assert w.link.wait_subscribed(10)
     return w
 
 

@@ -115,6 +115,7 @@ def test_postgres_ingest_dedups_and_serves_an_agent(
     agent = Agent(uplink_config(broker, tmp_path, "dev-pg"), "dev-pg", source=store)
     try:
         assert worker.link.wait_connected(10)
+        assert worker.link.wait_subscribed(10)
         agent.start()
         add_verdicts(store, 120)
         wait_until(lambda: db.verdict_count("dev-pg") == 120, 30, "120 records in PostgreSQL")

@@ -18,7 +18,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from cloud_sync.mqtt import MqttLink
-from tests.cloud_sync.conftest import Broker, wait_until
+from tests.cloud_sync.conftest import Broker
 from tests.cloud_sync.helpers import fleet_settings
 
 IN_TOPIC = "lineinspect/v1/dev/stress/in"
@@ -100,7 +100,11 @@ def test_publishes_from_other_threads_while_reading_keep_the_tls_connection(
     try:
         assert link.wait_connected(20)
         assert flood.wait_connected(20)
-        wait_until(lambda: flood.stats.refused_subscriptions == [], 5)
+        # a message published before the broker has the link's subscription reaches nobody
+        # (PUBACK "no matching subscribers"): both subscriptions first
+        assert link.wait_subscribed(20)
+        assert flood.wait_subscribed(20)
+        assert link.stats.refused_subscriptions == flood.stats.refused_subscriptions == []
 
         def inbound() -> None:  # the link's thread reads these while others write
             for i in range(INBOUND):

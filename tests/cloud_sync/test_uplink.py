@@ -367,3 +367,39 @@ def test_stop_survives_a_connection_lost_under_the_final_publish(
     link.stop(final=("fleet/test/state", b"offline"), timeout_s=2.0)
     assert time.monotonic() - started < 5.0
     assert link._thread is None
+
+
+def test_wait_subscribed_reports_the_brokers_answer(broker: Broker) -> None:
+    """wait_subscribed returns once the SUBACK is in; a message published after it reaches
+    the subscription (Mosquitto 2.0 grants a subscription its ACL forbids and then delivers
+    nothing on it, so refused_subscriptions stays empty here)."""
+    from dataclasses import replace
+
+    from cloud_sync.mqtt import MqttLink
+    from tests.cloud_sync.helpers import fleet_settings
+
+    mine = "lineinspect/v1/dev/dev-a/update/release"
+    theirs = "lineinspect/v1/dev/dev-b/update/release"
+    cert, key = broker.pki.issue("dev-a")
+    got: list[bytes] = []
+    settings = replace(
+        fleet_settings(broker, "dev-a"),
+        cert_file=cert,
+        key_file=key,
+        subscriptions=((mine, 1), (theirs, 1)),
+    )
+    link = MqttLink(settings, lambda m: got.append(bytes(m.payload)), name="dev-a")
+    fleet = MqttLink(fleet_settings(broker, "fleet-pub"), lambda *_: None, name="fleet-pub")
+    link.start()
+    fleet.start()
+    try:
+        assert fleet.wait_subscribed(10)  # nothing to subscribe: at once when connected
+        assert link.wait_subscribed(10), link.stats.last_error
+        assert fleet.publish(mine, b"for dev-a", qos=1) is not None
+        assert fleet.publish(theirs, b"for dev-b", qos=1) is not None
+        wait_until(lambda: got == [b"for dev-a"], 10, "dev-a's own message")
+        time.sleep(0.3)
+        assert got == [b"for dev-a"]
+    finally:
+        link.stop()
+        fleet.stop()
