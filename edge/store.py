@@ -331,7 +331,7 @@ class ResultStore:
         self._last_retention = 0.0
         self._last_checkpoint = 0.0
         # image rows whose files are deleted but whose rows a full disk kept SQLite from
-        # deleting (the writer thread's own; retried before each eviction)
+        # deleting (the writer thread's own; retried before each image is written)
         self._orphans: set[int] = set()
         self._degraded_since = 0.0
         self.commit_failures = 0
